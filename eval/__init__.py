@@ -1,0 +1,1 @@
+"""Evaluation: DreamBooth benchmark prompts, DINO / CLIP / LPIPS / edge metrics and the folder scorer."""

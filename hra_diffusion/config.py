@@ -1,0 +1,63 @@
+"""HRAConfig: everything that defines an adapter, and nothing about where it is stored."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class HRAConfig:
+    """Settings of one HRA adapter (peft's names where peft has them).
+
+    r: reflections per layer; even r starts exactly at the base model (paired init).
+    apply_GS: strictly orthogonal planes (the paper's lambda = infinity), identity at start for any r.
+    lambda_orth: weight of the orthogonality regularizer sum ||I - U^T U||_F^2 (ignored with apply_GS).
+    target_modules: module-name suffixes ("to_q", "attn1.to_out.0") or, as a string, one regex matched in full
+        against module paths, like peft.
+    exclude_modules: suffixes or a regex, removed from the targets.
+    init: "identity" (paired, needs even r unless apply_GS) or "random" (peft's odd-r fallback: an explicit
+        non-identity start).
+    """
+
+    r: int = 8
+    apply_GS: bool = False
+    lambda_orth: float = 0.0
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    exclude_modules: tuple[str, ...] | str = ()
+    init: str = "identity"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_modules, str):
+            self.target_modules = tuple(self.target_modules)
+        if not isinstance(self.exclude_modules, str):
+            self.exclude_modules = tuple(self.exclude_modules)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"HRAConfig.r must be a positive integer, got {self.r!r}")
+        if self.init not in ("identity", "random"):
+            raise ValueError(f"HRAConfig.init must be 'identity' or 'random', got {self.init!r}")
+        if self.init == "identity" and self.r % 2 and not self.apply_GS:
+            raise ValueError(
+                f"HRA with r={self.r} cannot start at the base model: a product of an odd number of reflections "
+                f"has determinant -1, so it is never the identity. Use an even r (e.g. r={self.r + 1}), "
+                "apply_GS=True (identity start for any r), or init='random' to accept a non-identity start."
+            )
+        if self.lambda_orth < 0:
+            raise ValueError(f"HRAConfig.lambda_orth must be >= 0, got {self.lambda_orth}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> HRAConfig:
+        data = json.loads(text)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown HRAConfig fields {sorted(unknown)}: the file was written by a newer version")
+        return cls(**data)

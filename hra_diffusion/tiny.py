@@ -1,0 +1,246 @@
+"""Offline tiny Stable Diffusion: the SD1.5 layout at toy size, built from configs with random weights.
+
+No model hub is reachable from the dev, CI and GPU machines, yet tests, benchmarks, the demo app and outside checks
+need a real `StableDiffusionPipeline` folder to load by path. This module writes one (~1M-parameter UNet with real
+attention and GEGLU layers, a small VAE and CLIP text encoder, DDIM with SD1.5 settings, optionally a ControlNet)
+together with the real OpenAI CLIP BPE tokenizer rebuilt from the vocabulary file open_clip ships. Same seed, same
+bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+MARKER = "tiny_sd.json"  # written last into every folder this module builds
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+N_MERGES = 49152 - 256 - 2  # 48,894: what OpenAI CLIP (and SD1.5) use of the 262k-line BPE file
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible byte -> printable unicode map (same as CLIP / GPT-2)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[tuple[str, ...], dict[str, int]]:
+    """(merges, vocab) of OpenAI CLIP, from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`."""
+    spec = importlib.util.find_spec("open_clip")  # locate the package without importing it (and torchvision)
+    if spec is None or spec.origin is None:
+        raise RuntimeError("open_clip_torch is required: it ships the CLIP BPE vocabulary (bpe_simple_vocab_16e6)")
+    bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = tuple(lines[1 : N_MERGES + 1])  # line 0 is a version header
+    byte_tokens = list(_bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == 49408, len(vocab)
+    return merges, vocab
+
+
+def clip_tokenizer(out_dir: Path | None = None) -> CLIPTokenizer:
+    """The SD1.5 CLIP tokenizer (ids equal to open_clip's). Writes vocab.json/merges.txt to `out_dir` if given."""
+    merges, vocab = _clip_bpe()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir) if out_dir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer.from_pretrained(
+            folder, model_max_length=77, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
+        )
+        if out_dir is not None:
+            tokenizer.save_pretrained(folder)  # loadable by path with the same settings
+        return tokenizer
+
+
+def _scheduler(prediction_type: str) -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+    )
+
+
+def _build_into(folder: Path, *, controlnet: bool, prediction_type: str, seed: int) -> None:
+    """Build every component with fixed seeds and save the pipeline (and controlnet) into `folder`."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        sample_size=64,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            intermediate_size=37,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    params = {name: _n_params(m) for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    if controlnet:
+        torch.manual_seed(seed)
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        cn.save_pretrained(folder / "controlnet", safe_serialization=True)
+        params["controlnet"] = _n_params(cn)
+    info = {"builder": __name__, "controlnet": controlnet, "prediction_type": prediction_type, "seed": seed}
+    (folder / MARKER).write_text(json.dumps({**info, "params": params}, indent=2) + "\n")
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def is_tiny_pipeline(path: str | os.PathLike) -> bool:
+    """True if `path` is a complete folder written by this module."""
+    path = Path(path)
+    return (path / MARKER).is_file() and (path / "model_index.json").is_file()
+
+
+def _publish(tmp: Path, target: Path) -> bool:
+    """Rename `tmp` to `target` if `target` is absent or an empty folder. False if another writer got there first."""
+    tmp.chmod(0o755)  # mkdtemp makes it 0700
+    try:
+        target.rmdir()  # only succeeds on an empty folder (Windows cannot rename onto one)
+    except OSError:
+        pass
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError:
+        if target.exists():
+            return False
+        raise
+
+
+def build_tiny_pipeline(
+    out_dir: str | os.PathLike, *, controlnet: bool = False, prediction_type: str = "epsilon", seed: int = 0
+) -> Path:
+    """Write a tiny StableDiffusionPipeline folder to `out_dir` (plus `out_dir/controlnet` if asked); return it.
+
+    The folder is built beside `out_dir` and renamed into place. An existing tiny pipeline there is replaced;
+    any other non-empty folder (or a file) is refused.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_tiny_pipeline(out_dir):
+        raise FileExistsError(f"{out_dir} is a non-empty folder that is not a tiny pipeline; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _build_into(tmp, controlnet=controlnet, prediction_type=prediction_type, seed=seed)
+        if not _publish(tmp, out_dir):  # an old tiny pipeline is there: swap it out
+            if not is_tiny_pipeline(out_dir):
+                raise FileExistsError(f"{out_dir} was filled by someone else while building; not touching it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny_pipeline(cache_dir: str | os.PathLike, controlnet: bool = True) -> Path:
+    """Return the tiny pipeline cached in `cache_dir`, building it first if absent. Safe when processes race."""
+    target = Path(cache_dir).absolute() / ("tiny-sd-controlnet" if controlnet else "tiny-sd")
+    if is_tiny_pipeline(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _build_into(tmp, controlnet=controlnet, prediction_type="epsilon", seed=0)
+        if not _publish(tmp, target) and not is_tiny_pipeline(target):
+            raise FileExistsError(f"{target} exists and is not a tiny pipeline")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op when the rename won; the loser's copy otherwise
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hra_diffusion.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to")
+    parser.add_argument("--controlnet", action="store_true", help="also write OUT_DIR/controlnet")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_tiny_pipeline(
+        args.out_dir, controlnet=args.controlnet, prediction_type=args.prediction_type, seed=args.seed
+    )
+    print(path)
+    for name, n in json.loads((path / MARKER).read_text())["params"].items():
+        print(f"{name}: {n:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create .venv and install HRA Studio with its test extras.
+#
+# torch: if the venv already has one, it is kept. On a machine without an NVIDIA GPU we install
+# torch==2.13.0 (the CPU wheel these build machines carry) and pin torchvision 0.28.0, its matching
+# release, through a constraints file so no later install drags in a CUDA build. With a GPU, pip picks
+# the torch build for it. Set HRA_TORCH_SPEC to choose yourself (e.g. HRA_TORCH_SPEC="torch==2.5.1").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+EXTRAS=${HRA_EXTRAS:-dev}
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip >/dev/null
+
+CONSTRAINTS=()
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  if [ -n "${HRA_TORCH_SPEC:-}" ]; then
+    "$VPY" -m pip install -q "$HRA_TORCH_SPEC"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    "$VPY" -m pip install -q torch
+  else
+    "$VPY" -m pip install -q "torch==2.13.0"
+  fi
+fi
+TORCH_VERSION=$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")
+if [ "$TORCH_VERSION" = "2.13.0" ]; then
+  printf 'torch==2.13.0\ntorchvision==0.28.0\n' > .venv/constraints.txt
+  CONSTRAINTS=(-c .venv/constraints.txt)
+fi
+
+"$VPY" -m pip install -q "${CONSTRAINTS[@]}" -e ".[$EXTRAS]"
+"$VPY" scripts/fix_torchvision.py
+echo "HRA Studio is installed in .venv (torch $TORCH_VERSION)."
