@@ -1,0 +1,145 @@
+"""Load a base Stable Diffusion pipeline, attach HRA adapters, generate: used by validation, eval and the app."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .io import load_hra
+from .model import hra_adapters, set_active_adapters
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+class ModelNotFoundError(OSError):
+    """A base model that is neither a local diffusers folder nor downloadable from here."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def load_pipeline(
+    base_model: str | os.PathLike,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    pipeline_class: type | None = None,
+    **components,
+):
+    """StableDiffusionPipeline (SD 1.x/2.x) from a hub id or a local folder, safety checker off.
+
+    The safety checker is off because it silently turns images black, which corrupts evaluation and previews;
+    turn it back on by passing ``safety_checker=...``. Extra keyword arguments replace pipeline components
+    (``controlnet=...`` with ``pipeline_class=StableDiffusionControlNetPipeline``).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    cls = pipeline_class or StableDiffusionPipeline
+    components.setdefault("safety_checker", None)
+    components.setdefault("requires_safety_checker", False)
+    local = Path(base_model).expanduser()
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json inside)")
+    try:
+        pipe = cls.from_pretrained(
+            str(local) if local.exists() else str(base_model),
+            torch_dtype=dtype or torch.float32,
+            revision=revision,
+            variant=variant,
+            **components,
+        )
+    except (OSError, ValueError) as err:
+        if local.exists():
+            raise
+        raise ModelNotFoundError(
+            f"could not load base model {str(base_model)!r}: it is not a local folder and could not be downloaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Give a local diffusers folder, "
+            "or check the hub id and your network (HF_HUB_OFFLINE must be unset to download)."
+        ) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or default_device())
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the sampler by short name (ddim, dpm, euler, euler_a, pndm, unipc, ddpm), keeping the model's config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def attach_adapters(
+    pipe,
+    adapters: Sequence[str | os.PathLike],
+    strengths: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[str]:
+    """Load adapter files into the pipeline's UNet (and text encoder, where the file has a part for it).
+
+    They are applied in the given order (W H_1 H_2 ...), each at its strength in [0, 1]. A file already loaded
+    under the same name is reused, so calling this per request is cheap. Returns the adapter names.
+    """
+    paths = [Path(p) for p in adapters]
+    names = list(names) if names is not None else [p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names must be unique, got {names}")
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    for path, name in zip(paths, names):
+        if name not in hra_adapters(pipe.unet):
+            load_hra(components, path, adapter_name=name)
+    for model in components.values():
+        present = hra_adapters(model)
+        if present:
+            chosen = [n for n in names if n in present]
+            weights = [s for n, s in zip(names, strengths or [1.0] * len(names)) if n in present]
+            set_active_adapters(model, chosen, weights)
+    return names
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    num_images: int = 1,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler: str | None = None,
+    **pipe_kwargs,
+) -> list[Image.Image]:
+    """Images for one prompt; image i uses seed + i, so each is reproducible on its own."""
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    device = pipe._execution_device
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
+    result = pipe(
+        prompt=[prompt] * num_images,
+        negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        generator=generators if device.type != "mps" else None,
+        **pipe_kwargs,
+    )
+    return list(result.images)
