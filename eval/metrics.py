@@ -117,7 +117,8 @@ class CLIPScorer:
             self.tokenizer = open_clip.get_tokenizer(model)
         except (OSError, RuntimeError, ValueError) as error:
             raise _load_error("CLIP model", f"{model} ({pretrained})", "Pass --clip_pretrained with a local "
-                              "checkpoint file (and --clip_model with its architecture).", error) from error
+                              "checkpoint file and --clip_model with its architecture (ViT-L-14-quickgelu for a "
+                              "copy of OpenAI's ViT-L/14).", error) from error
         self.model.eval()
 
     @torch.inference_mode()
