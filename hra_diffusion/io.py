@@ -2,6 +2,7 @@
 
 Keys are "<component>.<module path>.hra_u" (component: unet, text_encoder, ...), so one file can hold the UNet's
 and the text encoder's adapters. Nothing is ever unpickled; files are written to a temp file, then renamed.
+``load_hra`` also reads peft HRA folders (adapter_config.json + adapter_model.safetensors), the ecosystem's format.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from .model import add_hra, hra_adapters, hra_layers, hra_state_dict, layer_fing
 
 FORMAT = "hra-studio/1"
 RESERVED = ("format", "adapters", "fingerprint")
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module path
 
 
 class AdapterFileError(ValueError):
@@ -36,7 +39,10 @@ class AdapterMismatchError(ValueError):
 
 def component_name(model: nn.Module) -> str:
     """The name a bare model is stored under: unet, text_encoder or model."""
-    cls = type(model).__name__
+    return _class_component(type(model).__name__)
+
+
+def _class_component(cls: str) -> str:
     if "UNet" in cls:
         return "unet"
     if "TextModel" in cls:
@@ -72,10 +78,13 @@ def save_hra(
     path: str | os.PathLike,
     adapter_name: str = "default",
     metadata: Mapping[str, Any] | None = None,
+    extra_tensors: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` of a model (or of {"unet": unet, "text_encoder": te}) to one file.
 
     ``metadata`` (base model, instance prompt, steps, ...) is stored alongside; non-string values as JSON.
+    ``extra_tensors`` (e.g. a control encoder's "control_encoder.*" weights) are stored under their own keys, which
+    must not start with a component name; load_hra ignores them, read_extra_tensors returns them.
     """
     tensors: dict[str, Tensor] = {}
     adapters: dict[str, Any] = {}
@@ -90,6 +99,11 @@ def save_hra(
         }
     if not adapters:
         raise ValueError(f"no HRA adapter named {adapter_name!r} to save")
+    for key, value in (extra_tensors or {}).items():
+        if key.split(".", 1)[0] in adapters:
+            raise ValueError(f"extra tensor {key!r} would be read as part of the {key.split('.', 1)[0]} adapter")
+        value = value.detach().to("cpu")
+        tensors[key] = (value.float() if value.is_floating_point() else value).contiguous()
     for key, value in tensors.items():
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} holds NaN or inf values: training diverged; save an earlier checkpoint instead")
@@ -134,8 +148,11 @@ def _read_tensors(path: Path, keys: list[str]) -> dict[str, Tensor]:
     return tensors
 
 
-def check_fits(model: nn.Module, layers: Mapping[str, list[int]], what: str = "adapter") -> None:
-    """Raise AdapterMismatchError naming every stored layer the model lacks or has in another shape."""
+def check_fits(model: nn.Module, layers: Mapping[str, list[int | None]], what: str = "adapter") -> None:
+    """Raise AdapterMismatchError naming every stored layer the model lacks or has in another shape.
+
+    A stored d_out of None means any (peft files only record d_in, all that H depends on).
+    """
     modules = dict(model.named_modules())
     wrapped = {path: layer for path, layer in hra_layers(model)}
     problems = []
@@ -149,8 +166,9 @@ def check_fits(model: nn.Module, layers: Mapping[str, list[int]], what: str = "a
             problems.append(f"{path}: is a {type(base).__name__}, not Linear/Conv2d")
             continue
         actual = [base.weight.shape[0], base.weight[0].numel()]
-        if actual != list(shape):
-            problems.append(f"{path}: stored (out, in) {tuple(shape)}, model has {tuple(actual)}")
+        if any(want is not None and want != have for want, have in zip(shape, actual)):
+            stored = "(" + ", ".join("any" if n is None else str(n) for n in shape) + ")"
+            problems.append(f"{path}: stored (out, in) {stored}, model has {tuple(actual)}")
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise AdapterMismatchError(
@@ -159,21 +177,97 @@ def check_fits(model: nn.Module, layers: Mapping[str, list[int]], what: str = "a
         )
 
 
+def _read_peft_folder(path: Path) -> tuple[dict[str, Any], str, Callable[[str], dict[str, Tensor]]]:
+    """A peft HRA folder as (stored parts, adapter name, part reader), the shape load_hra takes from our files.
+
+    Target paths and r come from the tensors; the part is named from peft's auto_mapping (else: text_encoder when
+    every path is in text_model, unet otherwise). Odd r gets init="random" (peft's own fallback; the values are
+    overwritten anyway).
+    """
+    try:
+        peft_config = json.loads((path / PEFT_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterFileError(f"{path}: no readable {PEFT_CONFIG} ({err}); not a peft adapter folder") from err
+    peft_type = peft_config.get("peft_type")
+    if peft_type != "HRA":
+        raise AdapterFileError(
+            f"{path} is a peft {peft_type} adapter, not HRA. LoRA folders load with diffusers' load_lora_weights."
+        )
+    if peft_config.get("apply_GS"):
+        raise AdapterFileError(
+            f"{path} was trained with peft's apply_GS=True: H = I - 2QQ^T (one reflection of an r-dim subspace, never "
+            "the identity), a different operator from HRA Studio's strictly orthogonal adapters. Loading it here "
+            "would change the model; use it with peft itself (PeftModel.from_pretrained)."
+        )
+    weights = path / PEFT_WEIGHTS
+    if not weights.is_file():
+        raise AdapterFileError(
+            f"{path}: no {PEFT_WEIGHTS}. Pickled adapter_model.bin files are never loaded (they can run code); "
+            "re-save the adapter with safetensors (save_pretrained(..., safe_serialization=True))."
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as err:  # safetensors raises its own error types for every way a header can be broken
+        raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt: {err})") from err
+    other = [k for k in keys if not k.endswith(".hra_u")]
+    if other:
+        raise AdapterFileError(
+            f"{path} holds tensors other than HRA vectors ({other[:4]}...): peft bias or modules_to_save "
+            "training is not supported; retrain with bias='none' and no modules_to_save."
+        )
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in _read_tensors(weights, keys).items()}
+    r = int(peft_config.get("r", 0))
+    bad = {k: tuple(v.shape) for k, v in tensors.items() if v.ndim != 2 or v.shape[1] != r}
+    if bad or not tensors:
+        raise AdapterFileError(f"{path}: HRA vectors must be (d_in, r={r}); found {bad or 'none'}")
+    paths = [k.removesuffix(".hra_u") for k in tensors]
+    cls = (peft_config.get("auto_mapping") or {}).get("base_model_class")
+    if cls:
+        comp = _class_component(cls)
+    else:
+        comp = "text_encoder" if all(p.startswith("text_model.") for p in paths) else "unet"
+    config = HRAConfig(r=r, target_modules=tuple(paths), init="random" if r % 2 else "identity")
+    layers = {p: [None, tensors[f"{p}.hra_u"].shape[0]] for p in paths}
+    return {comp: {"config": json.loads(config.to_json()), "layers": layers}}, "default", lambda _comp: tensors
+
+
+def _open_adapter(path: Path) -> tuple[dict[str, Any], str, Callable[[str], dict[str, Tensor]]]:
+    """(stored parts, adapter name, reader of one part's tensors keyed by module path) for a file or a peft folder."""
+    if path.is_dir():
+        return _read_peft_folder(path)
+    meta = read_hra_metadata(path)
+
+    def read_part(comp: str) -> dict[str, Tensor]:
+        prefix = f"{comp}."
+        keys = [k for k in meta["tensor_keys"] if k.startswith(prefix)]
+        return {k[len(prefix):]: v for k, v in _read_tensors(path, keys).items()}
+
+    return meta["adapters"], meta.get("adapter_name", "default"), read_part
+
+
+def read_extra_tensors(path: str | os.PathLike, prefix: str) -> dict[str, Tensor]:
+    """The extra tensors save_hra stored under ``prefix.`` (prefix removed); empty if there are none."""
+    if Path(path).is_dir():
+        raise AdapterFileError(f"{path} is a folder; extra tensors live only in HRA Studio adapter files")
+    return _open_adapter(Path(path))[2](prefix)
+
+
 def load_hra(
     models: nn.Module | Mapping[str, nn.Module],
     path: str | os.PathLike,
     adapter_name: str | None = None,
 ) -> nn.Module | Mapping[str, nn.Module]:
-    """Add the adapter stored in ``path`` to a plain model (or to each component present in the file).
+    """Add the adapter stored in ``path`` (our file, or a peft HRA folder) to a plain model, or to each component
+    present in the file.
 
     The stored config and layer list are authoritative; a model whose layers differ is refused, naming them.
     A bare model takes its own component from the file (a UNet loads "unet" even if the file also has a text
     encoder part). Returns what it was given.
     """
     path = Path(path)
-    meta = read_hra_metadata(path)
-    stored = meta["adapters"]
-    name = adapter_name or meta.get("adapter_name", "default")
+    stored, stored_name, read_part = _open_adapter(path)
+    name = adapter_name or stored_name
     comps = _components(models)
     if not isinstance(models, Mapping) and len(stored) == 1:
         comps = {next(iter(stored)): models}
@@ -186,11 +280,9 @@ def load_hra(
         check_fits(model, stored[comp]["layers"], what=f"adapter's {comp} part")
         if name in hra_adapters(model):
             raise ValueError(f"{comp} already has an adapter named {name!r}; pass adapter_name= to load it as another")
+    parts = {comp: read_part(comp) for comp in wanted}  # every read error before any model changes
     for comp, model in wanted.items():
-        prefix = f"{comp}."
-        keys = [k for k in meta["tensor_keys"] if k.startswith(prefix)]
-        tensors = {k[len(prefix):]: v for k, v in _read_tensors(path, keys).items()}
         config = HRAConfig.from_json(json.dumps(stored[comp]["config"]))
         add_hra(model, config, name, targets=list(stored[comp]["layers"]))
-        set_hra_state_dict(model, tensors, name)
+        set_hra_state_dict(model, parts[comp], name)
     return models

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .io import load_hra
+from .control import CONTROL_KIND, condition_tensor, control_condition, load_control_adapter
+from .io import load_hra, read_hra_metadata
 from .model import hra_adapters, set_active_adapters
 
 SCHEDULERS = {
@@ -93,7 +95,8 @@ def attach_adapters(
     """Load adapter files into the pipeline's UNet (and text encoder, where the file has a part for it).
 
     They are applied in the given order (W H_1 H_2 ...), each at its strength in [0, 1]. A file already loaded
-    under the same name is reused, so calling this per request is cheap. Returns the adapter names.
+    under the same name is reused, so calling this per request is cheap. A control adapter (at most one) also
+    attaches its hint encoder; pass ``control_image=`` to :func:`generate` to use it. Returns the adapter names.
     """
     paths = [Path(p) for p in adapters]
     names = list(names) if names is not None else [p.stem for p in paths]
@@ -101,7 +104,11 @@ def attach_adapters(
         raise ValueError(f"adapter names must be unique, got {names}")
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     for path, name in zip(paths, names):
-        if name not in hra_adapters(pipe.unet):
+        if name in hra_adapters(pipe.unet):
+            continue
+        if path.is_file() and read_hra_metadata(path).get("kind") == CONTROL_KIND:
+            load_control_adapter(pipe.unet, path, adapter_name=name)
+        else:
             load_hra(components, path, adapter_name=name)
     for model in components.values():
         present = hra_adapters(model)
@@ -125,21 +132,33 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     scheduler: str | None = None,
+    control_image: Image.Image | None = None,
+    control_scale: float = 1.0,
     **pipe_kwargs,
 ) -> list[Image.Image]:
-    """Images for one prompt; image i uses seed + i, so each is reproducible on its own."""
+    """Images for one prompt; image i uses seed + i, so each is reproducible on its own.
+
+    ``control_image`` (a condition map, see control.make_condition) steers a UNet with a control adapter attached;
+    it is resized to the output size and used for every image and both halves of the guidance batch.
+    """
     if scheduler:
         set_scheduler(pipe, scheduler)
     device = pipe._execution_device
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
-    result = pipe(
-        prompt=[prompt] * num_images,
-        negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height,
-        width=width,
-        generator=generators if device.type != "mps" else None,
-        **pipe_kwargs,
-    )
+    control = nullcontext()
+    if control_image is not None:
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = (width or default, height or default)
+        control = control_condition(pipe.unet, condition_tensor(control_image, size), control_scale)
+    with control:
+        result = pipe(
+            prompt=[prompt] * num_images,
+            negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=generators if device.type != "mps" else None,
+            **pipe_kwargs,
+        )
     return list(result.images)
