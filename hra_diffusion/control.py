@@ -1,0 +1,300 @@
+"""Controllable generation the HRA paper's way: a small hint encoder added to the UNet's ``conv_in`` output.
+
+Trainable weights are the HRA adapter on the UNet plus :class:`ConditionEncoder` (about 2M parameters on SD1.5,
+against ControlNet's 361M). The encoder is registered on the UNet as ``unet.control_encoder`` so that ``.to()``,
+dtype casts, CPU offload and DDP treat it as part of the UNet, and its output joins through a forward hook on
+``unet.conv_in``: the module tree and the adapted layers stay untouched (peft, ``ControlNetModel.from_unet``, HRA
+targets), and the hook runs outside diffusers' gradient-checkpointed blocks, so it is never recomputed.
+
+Typical use::
+
+    add_hra(unet, HRAConfig(r=8, target_modules=CONTROL_TARGETS))   # first: add_hra freezes every UNet parameter
+    encoder = ConditionEncoder.for_unet(unet, vae_scale_factor=8)
+    attach_control(unet, encoder)
+    with control_condition(unet, batch["conditioning_pixel_values"]):
+        noise_pred = unet(noisy_latents, timesteps, text_embeddings).sample
+    save_control_adapter(unet, encoder, "canny.safetensors")
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
+
+from .data import _to_tensor
+from .io import AdapterFileError, load_hra, read_extra_tensors, read_hra_metadata, save_hra
+
+PAPER_CHANNELS = (16, 32, 96, 256)
+CONTROL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
+CONTROL_KIND = "control"
+ENCODER_ATTR = "control_encoder"  # submodule name on the UNet, and key prefix / metadata key in adapter files
+ANNOTATORS = "lllyasviel/Annotators"
+# control type -> (controlnet_aux detector class, weight files it loads from ANNOTATORS or a local folder)
+DETECTORS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hed": ("HEDdetector", ("ControlNetHED.pth",)),
+    "pidinet": ("PidiNetDetector", ("table5_pidinet.pth",)),
+    "mlsd": ("MLSDdetector", ("mlsd_large_512_fp32.pth",)),
+    "lineart": ("LineartDetector", ("sk_model.pth", "sk_model2.pth")),
+    "lineart_anime": ("LineartAnimeDetector", ("netG.pth",)),
+    "depth": ("MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",)),
+    "normal": ("NormalBaeDetector", ("scannet.pt",)),
+    "openpose": ("OpenposeDetector", ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")),
+}
+
+
+class ConditionEncoder(nn.Module):
+    """ControlNet's hint encoder: 3 -> 16 -> 16 -> 32 -> 32 -> 96 -> 96 -> 256 -> out_channels, SiLU between.
+
+    Each width after the first is reached by a stride-2 conv, so ``channels`` of length k+1 downsample by 2**k
+    (the paper's four widths give 1/8, SD's latent scale). The last conv is zero-initialized: an untrained encoder
+    adds exactly nothing, so training starts from the base model.
+    """
+
+    def __init__(self, out_channels: int = 320, channels: Sequence[int] = PAPER_CHANNELS, in_channels: int = 3) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("ConditionEncoder needs at least one hidden width")
+        self.config = {"out_channels": out_channels, "channels": list(channels), "in_channels": in_channels}
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], 3, padding=1), nn.SiLU()]
+        for width, wider in zip(channels[:-1], channels[1:]):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(width, wider, 3, padding=1, stride=2), nn.SiLU()]
+        self.layers = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        # Set by set_condition; plain attributes (not buffers), so never saved and never moved by .to().
+        self.condition: Tensor | None = None
+        self.scale = 1.0
+        self._hook: RemovableHandle | None = None
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, vae_scale_factor: int = 8) -> ConditionEncoder:
+        """The paper's encoder sized for ``unet``: output width = its first block, downsampling = the VAE's.
+
+        ``vae_scale_factor`` is ``2 ** (len(vae.config.block_out_channels) - 1)`` (8 for SD; 2 for the tiny test
+        model, which then uses only the first paper widths).
+        """
+        stages = math.log2(vae_scale_factor)
+        if not stages.is_integer() or not 0 <= stages < len(PAPER_CHANNELS):
+            raise ValueError(f"vae_scale_factor must be 1, 2, 4 or 8, got {vae_scale_factor}")
+        return cls(unet.config.block_out_channels[0], PAPER_CHANNELS[: int(stages) + 1])
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.config["channels"]) - 1)
+
+    def forward(self, condition: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, out_channels, H / downscale, W / downscale)."""
+        return self.conv_out(self.layers(condition))
+
+    def _add_hint(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Forward hook on ``unet.conv_in``: output + scale * encoder(condition), the condition tiled to the batch."""
+        if self.condition is None:
+            return None
+        weight = self.conv_out.weight
+        hint = self(self.condition.to(weight.device, weight.dtype)) * self.scale
+        if hint.shape[-2:] != output.shape[-2:]:
+            raise ValueError(
+                f"a condition of (H, W) = {tuple(self.condition.shape[-2:])} gives a {tuple(hint.shape[-2:])} hint, "
+                f"but the latents are {tuple(output.shape[-2:])}: resize the condition to the generated image's size"
+            )
+        batch, conditions = output.shape[0], hint.shape[0]
+        if conditions != batch:
+            if conditions != 1 and batch != 2 * conditions:
+                raise ValueError(
+                    f"{conditions} condition images for a UNet batch of {batch}: give 1 (shared) or one per image"
+                )
+            hint = hint.repeat(batch // conditions, 1, 1, 1)
+        return output + hint.to(output.dtype)
+
+
+@dataclass(frozen=True)
+class ControlHandle:
+    """Returned by :func:`attach_control`; ``remove()`` undoes it, like :func:`detach_control`."""
+
+    unet: nn.Module
+    encoder: ConditionEncoder
+
+    def remove(self) -> ConditionEncoder:
+        return detach_control(self.unet)
+
+
+def _unwrap(unet: nn.Module) -> nn.Module:
+    """The UNet inside DDP and torch.compile wrappers, in either order (what accelerate's prepare hands back)."""
+    while isinstance(unet, DistributedDataParallel) or hasattr(unet, "_orig_mod"):
+        unet = unet.module if isinstance(unet, DistributedDataParallel) else unet._orig_mod
+    return unet
+
+
+def control_encoder(unet: nn.Module) -> ConditionEncoder | None:
+    """The encoder attached to ``unet``, or None."""
+    encoder = getattr(_unwrap(unet), ENCODER_ATTR, None)
+    return encoder if isinstance(encoder, ConditionEncoder) else None
+
+
+def attach_control(unet: nn.Module, encoder: ConditionEncoder) -> ControlHandle:
+    """Make ``encoder``'s output join the UNet after ``conv_in`` (inert until a condition is set).
+
+    Attach after add_hra / load_hra: add_hra freezes every parameter of the model, an attached encoder included,
+    and replacing ``conv_in`` with an HRA layer would drop the hook (set_condition then says so).
+    """
+    unet = _unwrap(unet)
+    _check_attachable(unet, encoder)
+    unet.add_module(ENCODER_ATTR, encoder)
+    encoder._hook = unet.conv_in.register_forward_hook(encoder._add_hint)
+    return ControlHandle(unet, encoder)
+
+
+def detach_control(unet: nn.Module) -> ConditionEncoder:
+    """Remove the hook and the encoder from the UNet (before ``save_pretrained``), returning the encoder."""
+    unet = _unwrap(unet)
+    encoder = _require(unet)
+    encoder._hook.remove()
+    encoder._hook = None
+    encoder.condition = None
+    del unet._modules[ENCODER_ATTR]
+    return encoder
+
+
+def _check_attachable(unet: nn.Module, encoder: ConditionEncoder) -> None:
+    if control_encoder(unet) is not None:
+        raise ValueError("this UNet already has a control encoder; detach_control(unet) first")
+    width = unet.config.block_out_channels[0]
+    if encoder.config["out_channels"] != width:
+        raise ValueError(f"encoder outputs {encoder.config['out_channels']} channels, the UNet's conv_in {width}")
+
+
+def _require(unet: nn.Module) -> ConditionEncoder:
+    encoder = control_encoder(unet)
+    if encoder is None:
+        raise ValueError("this UNet has no control encoder: load_control_adapter(unet, path) or attach_control first")
+    return encoder
+
+
+def set_condition(unet: nn.Module, condition: Tensor | None, scale: float = 1.0) -> None:
+    """Condition every following UNet call on ``condition`` ((B, 3, H, W) in [0, 1]; None switches control off).
+
+    B is 1 (one map for the whole batch) or the number of images; under classifier-free guidance the UNet batch is
+    [unconditional; conditional], twice that, and the hint is tiled so both halves get it, as ControlNet does.
+    """
+    encoder = _require(unet)
+    if condition is not None:
+        channels = encoder.config["in_channels"]
+        if condition.ndim != 4 or condition.shape[1] != channels:
+            raise ValueError(f"condition must be (B, {channels}, H, W), got {tuple(condition.shape)}")
+        if encoder._hook.id not in _unwrap(unet).conv_in._forward_hooks:
+            raise RuntimeError("unet.conv_in was replaced after attach_control: detach_control and attach again")
+    encoder.condition, encoder.scale = condition, scale
+
+
+@contextmanager
+def control_condition(unet: nn.Module, condition: Tensor | None, scale: float = 1.0) -> Iterator[None]:
+    """:func:`set_condition` for the duration of a ``with`` block, then the previous condition again."""
+    encoder = _require(unet)
+    previous = encoder.condition, encoder.scale
+    set_condition(unet, condition, scale)
+    try:
+        yield
+    finally:
+        encoder.condition, encoder.scale = previous
+
+
+def condition_tensor(images: Image.Image | Sequence[Image.Image], size: tuple[int, int]) -> Tensor:
+    """PIL condition map(s) -> (B, 3, height, width) in [0, 1], resized to ``size`` = (width, height) as in training."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    resized = [img.convert("RGB").resize(size, Image.Resampling.LANCZOS) for img in images]
+    return torch.stack([_to_tensor(img) for img in resized])
+
+
+def save_control_adapter(
+    unet: nn.Module,
+    encoder: ConditionEncoder,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """One file for the whole control adapter: the UNet's HRA part as save_hra writes it, ``control_encoder.*``
+    tensors and, in the metadata, ``kind: control`` and the encoder's config. load_hra reads it as a plain adapter."""
+    tensors = {f"{ENCODER_ATTR}.{key}": value for key, value in encoder.state_dict().items()}
+    meta = {**(metadata or {}), "kind": CONTROL_KIND, ENCODER_ATTR: encoder.config}
+    return save_hra(_unwrap(unet), path, adapter_name, metadata=meta, extra_tensors=tensors)
+
+
+def load_control_adapter(unet: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> ConditionEncoder:
+    """Load a control adapter file into a plain UNet: its HRA part (load_hra) and its encoder, attached."""
+    meta = read_hra_metadata(path)
+    if meta.get("kind") != CONTROL_KIND:
+        raise AdapterFileError(f"{path} is not a control adapter (no encoder inside); load it with load_hra")
+    try:
+        encoder = ConditionEncoder(**json.loads(meta[ENCODER_ATTR]))
+        encoder.load_state_dict(read_extra_tensors(path, ENCODER_ATTR))
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise AdapterFileError(f"{path}: the control encoder does not match its stored config ({err})") from err
+    _check_attachable(_unwrap(unet), encoder)  # before load_hra changes the UNet
+    load_hra(_unwrap(unet), path, adapter_name)
+    weight = _unwrap(unet).conv_in.weight
+    attach_control(unet, encoder.to(weight.device, weight.dtype))
+    return encoder
+
+
+def _controlnet_aux() -> Any:
+    """Import controlnet_aux lazily (it loads every detector, 2-3 s) and quietly (some detectors warn on import)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import controlnet_aux
+    return controlnet_aux
+
+
+@functools.lru_cache(maxsize=4)
+def _detector(control_type: str, weights: str) -> Any:
+    """A controlnet_aux detector loaded from local files only (cached: loading a network takes seconds)."""
+    name, files = DETECTORS[control_type]
+    try:
+        return getattr(_controlnet_aux(), name).from_pretrained(weights, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"control type {control_type!r} needs {name} weights ({', '.join(files)}) from {weights!r}, which are not "
+            f"available locally ({type(err).__name__}). Download them with `huggingface-cli download {ANNOTATORS} "
+            f"{' '.join(files)}` or pass weights=<folder holding them>. 'canny' needs no weights and works offline."
+        ) from err
+
+
+def make_condition(
+    image: Image.Image, control_type: str = "canny", low: int = 100, high: int = 200, *, weights: str = ANNOTATORS
+) -> Image.Image:
+    """The condition map of ``image`` (RGB, same size as ``image``), with controlnet_aux's detectors.
+
+    "canny" (thresholds ``low``/``high``, near the image's own resolution, as the evaluation measures it; controlnet_aux
+    works in multiples of 64) needs no weights; the network detectors (see DETECTORS) load from ``weights``, a local
+    folder or the Hugging Face cache. "none" returns ``image`` as RGB: it already is a condition map.
+    """
+    if control_type == "none":
+        return image.convert("RGB")
+    if control_type != "canny" and control_type not in DETECTORS:
+        raise ValueError(f"unknown control type {control_type!r}; choose from {['none', 'canny', *DETECTORS]}")
+    image = image.convert("RGB")
+    if control_type == "canny":
+        side = max(64, min(image.size))  # controlnet_aux rounds sizes to multiples of 64; resized back below
+        detected = _controlnet_aux().CannyDetector()(
+            image, low_threshold=low, high_threshold=high, detect_resolution=side, image_resolution=side
+        )
+        resample = Image.Resampling.NEAREST  # keep the map binary
+    else:
+        detected = _detector(control_type, str(weights))(image, output_type="pil")
+        resample = Image.Resampling.BILINEAR
+    return detected.convert("RGB").resize(image.size, resample)
