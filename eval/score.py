@@ -14,7 +14,8 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -23,6 +24,53 @@ from eval.images import list_images, load_images
 from eval.metrics import CLIPScorer, DINOScorer, LPIPSScorer, ModelLoadError
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips")
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """Which networks score, shared by eval.score, the benchmark and the real-images row so all read the same flags."""
+
+    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str | None = "openai"
+    lpips_net: str = "vgg"
+    lpips_pretrained_backbone: bool = True
+    lpips_size: int = 512
+    device: str | None = None
+    batch_size: int = 16
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ScorerSettings:
+        clip_pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
+        return cls(args.dino_model, args.clip_model, clip_pretrained, args.lpips_net, not args.lpips_random_backbone,
+                   args.lpips_size, args.device, args.batch_size)
+
+    def load(self) -> tuple[DINOScorer, CLIPScorer, LPIPSScorer]:
+        """Load the three networks (raises ModelLoadError naming the flag to fix)."""
+        return (DINOScorer(self.dino_model, device=self.device, batch_size=self.batch_size),
+                CLIPScorer(self.clip_model, self.clip_pretrained, device=self.device, batch_size=self.batch_size),
+                LPIPSScorer(self.lpips_net, device=self.device, pretrained_backbone=self.lpips_pretrained_backbone,
+                            size=self.lpips_size, batch_size=self.batch_size))
+
+    def describe(self) -> dict:
+        """The settings that change scores, for reports (the device and batch size do not)."""
+        return {key: value for key, value in asdict(self).items() if key not in ("device", "batch_size")}
+
+
+def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The metric-network flags, read back by ScorerSettings.from_args."""
+    group = parser.add_argument_group("metric networks")
+    group.add_argument("--dino_model", default="facebook/dino-vits16", help="Hub name or local folder")
+    group.add_argument("--clip_model", default="ViT-L-14",
+                       help="open_clip architecture name, or local-dir:FOLDER (open_clip_config.json + weights)")
+    group.add_argument("--clip_pretrained", default="openai",
+                       help="open_clip tag or local checkpoint file; 'none' = random weights (tests only)")
+    group.add_argument("--lpips_net", default="vgg", choices=["vgg", "alex"])
+    group.add_argument("--lpips_size", type=int, default=512, help="side images are resized to for LPIPS")
+    group.add_argument("--lpips_random_backbone", action="store_true",
+                       help="random LPIPS backbone, for offline tests only (scores are meaningless)")
+    group.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    group.add_argument("--batch_size", type=int, default=16, help="images per metric-network batch")
 
 
 def load_prompts(path: str | Path, files: Sequence[Path]) -> list[str]:
@@ -91,22 +139,18 @@ def score_folders(real_dir: str | Path, generated_dir: str | Path, prompts_file:
                   lpips_pretrained_backbone: bool = True, lpips_size: int = 512, device: str | None = None,
                   batch_size: int = 16) -> dict:
     """Score `generated_dir` against `real_dir`, write the report to `out` (when given) and return it."""
+    settings = ScorerSettings(dino_model, clip_model, clip_pretrained, lpips_net, lpips_pretrained_backbone,
+                              lpips_size, device, batch_size)
     real_files, generated_files = list_images(real_dir), list_images(generated_dir)
     prompts = load_prompts(prompts_file, generated_files) if prompts_file is not None else None
-    dino = DINOScorer(dino_model, device=device, batch_size=batch_size)
-    clip = CLIPScorer(clip_model, clip_pretrained, device=device, batch_size=batch_size)
-    lpips = LPIPSScorer(lpips_net, device=device, pretrained_backbone=lpips_pretrained_backbone, size=lpips_size,
-                        batch_size=batch_size)
     scores = score_images(load_images(real_files), load_images(generated_files),
-                          [file.name for file in generated_files], prompts, dino, clip, lpips)
+                          [file.name for file in generated_files], prompts, *settings.load())
     report = {
         "real_dir": str(real_dir),
         "generated_dir": str(generated_dir),
         "num_real": len(real_files),
         "num_generated": len(generated_files),
-        "models": {"dino": dino_model, "clip": clip_model, "clip_pretrained": clip_pretrained,
-                   "lpips_net": lpips_net, "lpips_pretrained_backbone": lpips_pretrained_backbone,
-                   "lpips_size": lpips_size},
+        "models": settings.describe(),
         **scores,
     }
     if out is not None:
@@ -114,12 +158,13 @@ def score_folders(real_dir: str | Path, generated_dir: str | Path, prompts_file:
     return report
 
 
-def markdown_table(aggregate: dict[str, float]) -> str:
-    """One-row table in the paper's column order."""
+def markdown_table(aggregate: Mapping[str, float], leading: Mapping[str, str] | None = None) -> str:
+    """One-row table in the paper's column order; `leading` puts e.g. method and params columns first."""
+    leading = dict(leading or {})
     keys = [key for key in METRICS if key in aggregate]
-    header = "| " + " | ".join(key.upper().replace("_", "-") for key in keys) + " |"
-    rule = "| " + " | ".join("---" for _ in keys) + " |"
-    row = "| " + " | ".join(f"{aggregate[key]:.4f}" for key in keys) + " |"
+    header = "| " + " | ".join([*leading, *(key.upper().replace("_", "-") for key in keys)]) + " |"
+    rule = "| " + " | ".join("---" for _ in [*leading, *keys]) + " |"
+    row = "| " + " | ".join([*leading.values(), *(f"{aggregate[key]:.4f}" for key in keys)]) + " |"
     return "\n".join([header, rule, row])
 
 
@@ -129,24 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--generated", required=True, help="folder of generated images")
     parser.add_argument("--prompts", help="CLIP-T prompts: JSON {file name: prompt} or one line per image")
     parser.add_argument("--out", required=True, help="JSON report path")
-    parser.add_argument("--dino_model", default="facebook/dino-vits16", help="Hub name or local folder")
-    parser.add_argument("--clip_model", default="ViT-L-14", help="open_clip architecture name")
-    parser.add_argument("--clip_pretrained", default="openai",
-                        help="open_clip tag or local checkpoint file; 'none' = random weights (tests only)")
-    parser.add_argument("--lpips_net", default="vgg", choices=["vgg", "alex"])
-    parser.add_argument("--lpips_size", type=int, default=512, help="side images are resized to for LPIPS")
-    parser.add_argument("--lpips_random_backbone", action="store_true",
-                        help="random LPIPS backbone, for offline tests only (scores are meaningless)")
-    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    add_scorer_arguments(parser)
     args = parser.parse_args(argv)
-    clip_pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
+    settings = ScorerSettings.from_args(args)
     try:
-        report = score_folders(
-            args.real, args.generated, args.prompts, args.out, dino_model=args.dino_model,
-            clip_model=args.clip_model, clip_pretrained=clip_pretrained, lpips_net=args.lpips_net,
-            lpips_pretrained_backbone=not args.lpips_random_backbone, lpips_size=args.lpips_size,
-            device=args.device, batch_size=args.batch_size)
+        report = score_folders(args.real, args.generated, args.prompts, args.out, **asdict(settings))
     except (FileNotFoundError, ValueError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

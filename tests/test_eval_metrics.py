@@ -4,11 +4,10 @@ import json
 import math
 
 import numpy as np
-import open_clip
 import pytest
 import torch
+from eval_helpers import noise_image, register_tiny_clip, save_tiny_dino
 from PIL import Image
-from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
 from eval.images import list_images
 from eval.metrics import (
@@ -22,13 +21,6 @@ from eval.metrics import (
 )
 from eval.score import load_prompts, main, markdown_table, score_folders
 
-TINY_CLIP = "hra-test-tiny-clip"
-
-
-def noise_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
 
 def solid_image(color: tuple[int, int, int], size: int = 48) -> Image.Image:
     return Image.new("RGB", (size, size), color)
@@ -37,27 +29,13 @@ def solid_image(color: tuple[int, int, int], size: int = 48) -> Image.Image:
 @pytest.fixture(scope="module")
 def dino_dirs(tmp_path_factory):
     """The same tiny DINO-architecture ViT saved twice: bare, and with an image processor."""
-    torch.manual_seed(0)
-    model = ViTModel(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                               patch_size=16, image_size=64))
-    bare, with_processor = tmp_path_factory.mktemp("dino_bare"), tmp_path_factory.mktemp("dino_proc")
-    model.save_pretrained(bare)
-    model.save_pretrained(with_processor)
-    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(with_processor)
-    return {"bare": str(bare), "processor": str(with_processor)}
+    return {"bare": save_tiny_dino(tmp_path_factory.mktemp("dino_bare")),
+            "processor": save_tiny_dino(tmp_path_factory.mktemp("dino_proc"), with_processor=True)}
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """Register a tiny open_clip architecture (1.6M parameters, mostly the 49,408-token embedding)."""
-    config = tmp_path_factory.mktemp("clip") / f"{TINY_CLIP}.json"
-    config.write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(config)
-    return TINY_CLIP
+    return register_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

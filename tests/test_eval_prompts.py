@@ -4,48 +4,10 @@ import os
 from pathlib import Path
 
 import pytest
+from eval_helpers import CLASSES, LIVE_TEMPLATES, OBJECT_MIDDLE, OBJECT_TEMPLATES, prompts_file_text
 from PIL import Image
 
 from eval.prompts import LIVE_CLASSES, load_benchmark, parse_prompts_and_classes, shard
-
-COMMON = [
-    "a {0} {1} in the jungle", "a {0} {1} in the snow", "a {0} {1} on the beach", "a {0} {1} on a cobblestone street",
-    "a {0} {1} on top of pink fabric", "a {0} {1} on top of a wooden floor", "a {0} {1} with a city in the background",
-    "a {0} {1} with a mountain in the background", "a {0} {1} with a blue house in the background",
-    "a {0} {1} on top of a purple rug in a forest",
-]
-TAIL = ["a red {0} {1}", "a purple {0} {1}", "a shiny {0} {1}", "a wet {0} {1}", "a cube shaped {0} {1}"]
-OBJECT_MIDDLE = [
-    "a {0} {1} with a wheat field in the background", "a {0} {1} with a tree and autumn leaves in the background",
-    "a {0} {1} with the Eiffel Tower in the background", "a {0} {1} floating on top of water",
-    "a {0} {1} floating in an ocean of milk", "a {0} {1} on top of green grass with sunflowers around it",
-    "a {0} {1} on top of a mirror", "a {0} {1} on top of the sidewalk in a crowded street",
-    "a {0} {1} on top of a dirt road", "a {0} {1} on top of a white rug",
-]
-LIVE_MIDDLE = [
-    "a {0} {1} wearing a red hat", "a {0} {1} wearing a santa hat", "a {0} {1} wearing a rainbow scarf",
-    "a {0} {1} wearing a black top hat and a monocle", "a {0} {1} in a chef outfit",
-    "a {0} {1} in a firefighter outfit", "a {0} {1} in a police outfit", "a {0} {1} wearing pink glasses",
-    "a {0} {1} wearing a yellow shirt", "a {0} {1} in a purple wizard outfit",
-]
-OBJECT_TEMPLATES = COMMON + OBJECT_MIDDLE + TAIL
-LIVE_TEMPLATES = COMMON + LIVE_MIDDLE + TAIL
-CLASSES = {"backpack": "backpack", "bear_plushie": "stuffed animal", "cat": "cat", "dog": "dog", "dog2": "dog",
-           "teapot": "teapot"}
-
-
-def prompt_list(templates):
-    lines = [f"'{t}'.format(unique_token, class_token)," for t in templates]
-    lines[-1] = lines[-1].rstrip(",")
-    return ["prompt_list = [", *lines, "]"]
-
-
-def prompts_file_text(newline="\n"):
-    """The layout of google/dreambooth's dataset/prompts_and_classes.txt."""
-    lines = ["Classes", "", "subject_name,class", *(f"{s},{c}" for s, c in CLASSES.items()), "", "Prompts", "",
-             "Object Prompts", "", *prompt_list(OBJECT_TEMPLATES), "", "Live Subject Prompts", "",
-             *prompt_list(LIVE_TEMPLATES)]
-    return newline.join(lines) + newline
 
 
 def make_dataset(root: Path, subjects=("backpack", "bear_plushie", "dog", "teapot"), newline="\n") -> Path:
