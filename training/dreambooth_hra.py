@@ -1,0 +1,381 @@
+#!/usr/bin/env python
+"""DreamBooth with HRA: teach Stable Diffusion 1.x/2.x a subject from a few photos; the result is one adapter file.
+
+    accelerate launch training/dreambooth_hra.py \\
+      --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+      --instance_data_dir photos/ --instance_prompt "a photo of sks dog" \\
+      --with_prior_preservation --class_prompt "a photo of a dog" --class_data_dir class_dog \\
+      --output_dir out/ --max_train_steps 500
+
+Then ``attach_adapters(load_pipeline(base), ["out/hra_adapter.safetensors"])``. The guide is docs/personalize.md.
+This file is the DreamBooth part only (flags, data, class images, loss, model card); the loop, checkpoints, resume,
+logging and signals live in hra_diffusion/training.py, shared with the other trainers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from hra_diffusion import HRAConfig, add_hra
+from hra_diffusion.data import DreamBoothDataset, collate_dreambooth, require_images, scan_images
+from hra_diffusion.io import atomic_write
+from hra_diffusion.pipelines import generate
+from hra_diffusion.training import (
+    ADAPTER_FILE,
+    DTYPES,
+    STOP,
+    ProgressFile,
+    TrainConfig,
+    TrainingError,
+    TrainResult,
+    TrainSpec,
+    add_training_args,
+    encode_latents,
+    encode_prompts,
+    load_base,
+    make_accelerator,
+    noisy_latents,
+    run_cli,
+    stop_agreed,
+    target_modules,
+    train,
+    weight_dtype,
+)
+
+logger = logging.getLogger("dreambooth_hra")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+GRID_FILE = "sample_grid.png"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="DreamBooth with HRA adapters for Stable Diffusion 1.x/2.x.")
+    g = parser.add_argument_group("subject")
+    g.add_argument("--instance_data_dir", required=True, help="folder of subject photos (JPEG/PNG/WebP, any size)")
+    g.add_argument("--instance_prompt", required=True, help='prompt with the identifier, e.g. "a photo of sks dog"')
+    g.add_argument(
+        "--ignore_captions",
+        action="store_true",
+        help="use --instance_prompt for every photo even where a same-name .txt/.caption file exists",
+    )
+    g.add_argument("--resolution", type=int, default=512, help="training size (shorter side resized, then cropped)")
+    g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
+    g.add_argument("--random_flip", action="store_true", help="random horizontal flips")
+    g.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="also put HRA on the text encoder's q_proj/k_proj/v_proj/out_proj",
+    )
+
+    g = parser.add_argument_group("prior preservation")
+    g.add_argument(
+        "--with_prior_preservation",
+        action="store_true",
+        help="also train on base-model images of the class so the class keeps its variety",
+    )
+    g.add_argument("--class_data_dir", default=None, help="class images; missing ones are generated here")
+    g.add_argument("--class_prompt", default=None, help='e.g. "a photo of a dog"')
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    g.add_argument("--num_class_inference_steps", type=int, default=50)
+    g.add_argument(
+        "--prior_generation_precision",
+        default=None,
+        choices=("fp32", "fp16", "bf16"),
+        help="autocast dtype for class images (default: fp16 on GPU, fp32 on CPU)",
+    )
+
+    add_training_args(parser, default_output_dir="hra-dreambooth-model")
+    args = parser.parse_args(argv)
+    if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
+        parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
+        logger.warning("--class_data_dir/--class_prompt are ignored without --with_prior_preservation")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prior preservation: class images from the base model
+
+
+def generate_class_images(pipe, args: argparse.Namespace, accelerator, seed: int) -> None:
+    """Top up --class_data_dir to --num_class_images with images of --class_prompt from the base model.
+
+    Resumable: usable images already there count, new ones get free names class-NNNNN.png and appear atomically, so
+    an interrupted run never leaves half-written files and a rerun generates nothing twice. Each image's seed comes
+    from its name, so the set does not depend on the batch size or the number of processes that share the work.
+    """
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    present = len(scan_images(folder)[0])
+    missing = args.num_class_images - present
+    names, i = [], 0
+    while len(names) < missing:
+        if not (folder / f"class-{i:05d}.png").exists():
+            names.append(f"class-{i:05d}.png")
+        i += 1
+    accelerator.wait_for_everyone()  # every process has counted and named before any writes
+    if missing <= 0:
+        logger.info("class images: %d in %s, none to generate", present, folder)
+        return
+    mine = names[accelerator.process_index :: accelerator.num_processes]
+    logger.info("class images: %d in %s, generating %d with the base model", present, folder, missing)
+    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    dtype = DTYPES["no" if precision == "fp32" else precision]
+    bar = tqdm(total=len(mine), desc="class images", disable=not accelerator.is_local_main_process)
+    for start in range(0, len(mine), args.sample_batch_size):
+        if STOP.requested:
+            break
+        batch = mine[start : start + args.sample_batch_size]
+        generators = [torch.Generator("cpu").manual_seed(_name_seed(seed, name)) for name in batch]
+        with torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            images = pipe(
+                prompt=[args.class_prompt] * len(batch),
+                num_inference_steps=args.num_class_inference_steps,
+                generator=generators,
+            ).images
+        for name, image in zip(batch, images):
+            atomic_write(folder / name, lambda tmp, im=image: im.save(tmp, format="PNG"))
+        bar.update(len(batch))
+    bar.close()
+    accelerator.wait_for_everyone()
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The DreamBooth loss
+
+
+def make_loss_fn(noise_scheduler, tokenizer, args: argparse.Namespace):
+    """MSE to the model's target (noise for epsilon models, velocity for v-prediction) on the instance half, plus
+    --prior_loss_weight times the same on the class half (the batch is instance images, then class images)."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def embed(prompts: list[str], text_encoder, device: torch.device) -> torch.Tensor:
+        if args.train_text_encoder:
+            return encode_prompts(tokenizer, text_encoder, prompts, device)
+        new = sorted(set(prompts) - set(cache))  # a frozen encoder gives each prompt one embedding: compute it once
+        if new:
+            with torch.no_grad():
+                cache.update(zip(new, encode_prompts(tokenizer, text_encoder, new, device)))
+        return torch.stack([cache[p] for p in prompts])
+
+    def loss_fn(batch: dict, models: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            latents = encode_latents(models["vae"], batch["pixel_values"])
+        noisy, timesteps, target = noisy_latents(noise_scheduler, latents)
+        hidden = embed(batch["prompts"], models["text_encoder"], latents.device)
+        pred = models["unet"](noisy, timesteps, hidden).sample.float()
+        target = target.float()
+        if not args.with_prior_preservation:
+            return F.mse_loss(pred, target), {}
+        pred, pred_prior = pred.chunk(2)
+        target, target_prior = target.chunk(2)
+        instance = F.mse_loss(pred, target)
+        prior = F.mse_loss(pred_prior, target_prior)
+        return instance + args.prior_loss_weight * prior, {"instance_loss": instance.item(), "prior_loss": prior.item()}
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model card
+
+
+def image_grid(images: list[Image.Image]) -> Image.Image:
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def write_model_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, n_photos: int) -> None:
+    out = cfg.output_dir
+    images = ""
+    if result.samples:
+        atomic_write(
+            out / GRID_FILE, lambda tmp: image_grid([Image.open(p) for p in result.samples]).save(tmp, format="PNG")
+        )
+        images = (
+            f"![samples]({GRID_FILE})\n\n"
+            + "".join(f"![{p.name}]({p.relative_to(out).as_posix()}) " for p in result.samples)
+            + "\n"
+        )
+    prompt = args.validation_prompt or args.instance_prompt
+    settings = {
+        "steps": result.step,
+        "resolution": args.resolution,
+        "learning rate": cfg.learning_rate,
+        "lr scheduler": cfg.lr_scheduler,
+        "batch size x accumulation": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}",
+        "HRA r": args.hra_r,
+        "strictly orthogonal (GS)": args.hra_apply_GS,
+        "orthogonality lambda": args.hra_lambda,
+        "target modules": args.hra_target_modules,
+        "text encoder trained": args.train_text_encoder,
+        "prior preservation": (
+            f'{args.num_class_images} images of "{args.class_prompt}", weight {args.prior_loss_weight}'
+            if args.with_prior_preservation
+            else "off"
+        ),
+        "mixed precision": cfg.mixed_precision or "no",
+        "seed": cfg.seed,
+    }
+    table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+instance_prompt: {args.instance_prompt}
+tags:
+- stable-diffusion
+- text-to-image
+- diffusers
+- hra
+- dreambooth
+---
+
+# HRA DreamBooth: "{args.instance_prompt}"
+
+HRA (Householder reflection adaptation) weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth
+on {n_photos} photos. The file `{ADAPTER_FILE}` holds r={args.hra_r} reflection vectors per adapted layer; the base
+model's weights are untouched.
+
+Samples at step {result.step}, prompt "{prompt}", seed {cfg.seed}:
+
+{images}
+## Settings
+
+| setting | value |
+| --- | --- |
+{table}
+
+## Use it
+
+```python
+from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
+
+pipe = load_pipeline("{args.pretrained_model_name_or_path}")
+attach_adapters(pipe, ["{ADAPTER_FILE}"])
+image = generate(pipe, "{prompt}", seed=0)[0]
+```
+
+`attach_adapters(pipe, [path], strengths=[0.5])` applies it at half strength (an exact orthogonal interpolation).
+This is not a LoRA file: diffusers' `load_lora_weights` cannot read it.
+"""
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, progress: ProgressFile) -> int:
+    cfg = TrainConfig.from_args(args, tracker_project_name="dreambooth-hra")
+    try:
+        targets = target_modules(args.hra_target_modules)
+        unet_config = HRAConfig(
+            r=args.hra_r, apply_GS=args.hra_apply_GS, lambda_orth=args.hra_lambda, target_modules=targets
+        )
+        text_config = HRAConfig(
+            r=args.hra_r, apply_GS=args.hra_apply_GS, lambda_orth=args.hra_lambda, target_modules=TEXT_ENCODER_TARGETS
+        )
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    photos = require_images(args.instance_data_dir)  # fail on unusable photos before loading gigabytes of model
+    accelerator = make_accelerator(cfg)
+
+    pipe, noise_scheduler = load_base(
+        args.pretrained_model_name_or_path, device=accelerator.device, revision=args.revision, variant=args.variant
+    )
+    if args.with_prior_preservation:
+        generate_class_images(pipe, args, accelerator, cfg.seed)
+        if stop_agreed(accelerator):
+            progress.emit("stopped", step=0, adapter=None)
+            return 0
+    dataset = DreamBoothDataset(
+        args.instance_data_dir,
+        args.instance_prompt,
+        args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        class_dir=args.class_data_dir if args.with_prior_preservation else None,
+        class_prompt=args.class_prompt,
+        seed=cfg.seed,
+        use_captions=not args.ignore_captions,
+    )
+
+    torch.manual_seed(cfg.seed)  # the adapters' initial vectors depend on the seed alone
+    try:
+        add_hra(pipe.unet, unet_config)
+        if args.train_text_encoder:
+            add_hra(pipe.text_encoder, text_config)
+    except ValueError as err:
+        raise TrainingError(f"--hra_target_modules: {err}") from err
+
+    def validate(step: int) -> list[Image.Image]:
+        return generate(
+            pipe,
+            args.validation_prompt or args.instance_prompt,
+            num_images=args.num_validation_images,
+            seed=cfg.seed,
+            steps=args.num_validation_inference_steps,
+            height=args.resolution,
+            width=args.resolution,
+            scheduler="dpm",
+        )
+
+    metadata = {
+        "base_model": args.pretrained_model_name_or_path,
+        "instance_prompt": args.instance_prompt,
+        "class_prompt": args.class_prompt if args.with_prior_preservation else None,
+        "resolution": args.resolution,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler": cfg.lr_scheduler,
+        "train_batch_size": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "hra_r": args.hra_r,
+        "hra_apply_GS": args.hra_apply_GS,
+        "hra_lambda": args.hra_lambda,
+        "hra_target_modules": args.hra_target_modules,
+        "train_text_encoder": args.train_text_encoder,
+        "prior_loss_weight": args.prior_loss_weight if args.with_prior_preservation else None,
+        "prediction_type": noise_scheduler.config.prediction_type,
+        "seed": cfg.seed,
+        "mixed_precision": accelerator.mixed_precision,
+        "trainer": "hra-studio dreambooth_hra",
+    }
+    spec = TrainSpec(
+        dataset=dataset,
+        collate_fn=lambda examples: collate_dreambooth(examples, args.with_prior_preservation),
+        models={"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae},
+        trainable=("unet", "text_encoder") if args.train_text_encoder else ("unet",),
+        loss_fn=make_loss_fn(noise_scheduler, pipe.tokenizer, args),
+        validate=validate if args.num_validation_images > 0 else None,
+        metadata=metadata,
+        tracker_config={**vars(args), "seed": cfg.seed, "weight_dtype": str(weight_dtype(accelerator))},
+        finish=lambda result: write_model_card(args, cfg, result, len(photos)),
+    )
+    train(accelerator, cfg, spec, progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
