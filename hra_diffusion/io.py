@@ -253,6 +253,25 @@ def read_extra_tensors(path: str | os.PathLike, prefix: str) -> dict[str, Tensor
     return _open_adapter(Path(path))[2](prefix)
 
 
+def _align_paths(model: nn.Module, layers: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Map stored layer paths onto the model's: transformers 5 dropped CLIPTextModel's ``text_model.`` level, so a
+    text-encoder adapter written under either layout loads under the other."""
+    names = {name for name, _ in model.named_modules()}
+    rename = {}
+    for path in layers:
+        alt = path[len("text_model."):] if path.startswith("text_model.") else f"text_model.{path}"
+        rename[path] = alt if path not in names and alt in names else path
+    return {rename[path]: shape for path, shape in layers.items()}, rename
+
+
+def _renamed(tensors: Mapping[str, Tensor], rename: Mapping[str, str]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        path, _, leaf = key.rpartition(".")
+        out[f"{rename.get(path, path)}.{leaf}"] = value
+    return out
+
+
 def load_hra(
     models: nn.Module | Mapping[str, nn.Module],
     path: str | os.PathLike,
@@ -277,10 +296,11 @@ def load_hra(
             f"{path} holds adapters for {sorted(stored)}, none of which is given ({sorted(comps)})"
         )
     for comp, model in wanted.items():
+        stored[comp]["layers"], stored[comp]["rename"] = _align_paths(model, stored[comp]["layers"])
         check_fits(model, stored[comp]["layers"], what=f"adapter's {comp} part")
         if name in hra_adapters(model):
             raise ValueError(f"{comp} already has an adapter named {name!r}; pass adapter_name= to load it as another")
-    parts = {comp: read_part(comp) for comp in wanted}  # every read error before any model changes
+    parts = {comp: _renamed(read_part(comp), stored[comp]["rename"]) for comp in wanted}  # errors before changes
     for comp, model in wanted.items():
         config = HRAConfig.from_json(json.dumps(stored[comp]["config"]))
         add_hra(model, config, name, targets=list(stored[comp]["layers"]))

@@ -123,3 +123,39 @@ def test_save_refuses_nan_and_keeps_old_file(tiny_unet, tmp_path):
     with pytest.raises(ValueError, match="NaN or inf"):
         save_hra(unet, path)
     assert path.read_bytes() == good
+
+
+def test_text_encoder_paths_load_across_transformers_layouts(tiny_sd, tmp_path):
+    """transformers 5 dropped CLIPTextModel's `text_model.` level; files from either layout must load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    def encoder():
+        return CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+
+    source = encoder()
+    add_hra(source, HRAConfig(r=2, target_modules=("q_proj",)))
+    with torch.no_grad():
+        for p in hra_parameters(source):
+            p.add_(torch.randn_like(p))
+    path = save_hra({"text_encoder": source}, tmp_path / "te.safetensors")
+    meta = read_hra_metadata(path)
+    flip = "text_model."
+    layers = meta["adapters"]["text_encoder"]["layers"]
+    prefixed = not next(iter(layers)).startswith(flip)
+
+    def other(p):
+        return f"{flip}{p}" if prefixed else p[len(flip):]
+
+    meta["adapters"]["text_encoder"]["layers"] = {other(p): s for p, s in layers.items()}
+    with safe_open(str(path), "pt") as f:
+        tensors = {"text_encoder." + other(k[len("text_encoder."):].rpartition(".")[0]) + ".hra_u": f.get_tensor(k)
+                   for k in f.keys()}
+        raw = f.metadata()
+    raw["adapters"] = json.dumps(meta["adapters"])
+    save_file(tensors, path, metadata=raw)
+    target = load_hra(encoder(), path)
+    ids = torch.tensor([[49406, 320, 1125, 49407]])
+    with torch.no_grad():
+        torch.testing.assert_close(target(ids).last_hidden_state, source(ids).last_hidden_state)
