@@ -32,4 +32,12 @@ fi
 
 "$VPY" -m pip install -q "${CONSTRAINTS[@]}" -e ".[$EXTRAS]"
 "$VPY" scripts/fix_torchvision.py
+
+# The app's browser test drives Debian's chromium (playwright's own browser download needs network it lacks).
+# Installed only where asked (CI=true or HRA_BROWSER_TESTS=1), as root, on Debian; elsewhere the test skips.
+if [ "${CI:-}" = "true" ] || [ "${HRA_BROWSER_TESTS:-}" = "1" ]; then
+  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && grep -qx 'ID=debian' /etc/os-release 2>/dev/null; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+  fi
+fi
 echo "HRA Studio is installed in .venv (torch $TORCH_VERSION)."

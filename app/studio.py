@@ -1,0 +1,398 @@
+"""The app's state, without Gradio: the training queue, the adapter store and one cached pipeline.
+
+Everything the web page and the API do goes through a :class:`Studio`, so it can be tested in plain Python and
+two studios (two data folders) can live in one process. All maths is the library's; this is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sys
+import threading
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from hra_diffusion import HRAConfig, hra_adapters, remove_hra
+from hra_diffusion.control import CONTROL_KIND, control_encoder, detach_control, make_condition
+from hra_diffusion.data import ImageError, load_image
+from hra_diffusion.export import export_lora, export_merged, export_peft
+from hra_diffusion.io import read_hra_metadata
+from hra_diffusion.pipelines import attach_adapters, load_pipeline
+from hra_diffusion.pipelines import generate as sample
+
+from .jobs import Job, JobQueue
+from .store import AdapterStore, inside, slug
+
+MAX_PHOTOS = 50
+MAX_PHOTO_BYTES = 30 * 1024 * 1024
+MAX_PHOTO_PIXELS = 40_000_000  # a 40 MP camera still passes; a decompression bomb does not
+MAX_ADAPTER_BYTES = 2 * 1024**3
+CONTROL_TYPES = ("canny", "none")  # the preprocessors that run offline, without detector weights
+TOKEN_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
+CLASS_RE = re.compile(r"[A-Za-z][A-Za-z -]{0,39}")
+# format -> (file name in the export cache, what it is for)
+EXPORTS: dict[str, tuple[str, str]] = {
+    "hra": ("", "HRA Studio file: this app, hra_diffusion.load_hra"),
+    "peft": ("peft.zip", "peft HRA folder (zip): PeftModel.from_pretrained"),
+    "lora-diffusers": ("lora_diffusers.safetensors", "exact LoRA, diffusers keys: pipe.load_lora_weights"),
+    "lora-kohya": ("lora_kohya.safetensors", "exact LoRA, kohya keys: ComfyUI, A1111"),
+    "merged": ("merged.zip", "the base model with the adapter merged in (zip of a diffusers folder)"),
+}
+
+
+@dataclass
+class TrainSettings:
+    """What the Train tab asks; defaults suit SD 1.5 (:meth:`Studio.defaults` shrinks them for the demo)."""
+
+    token: str = "sks"
+    class_noun: str = "dog"
+    steps: int = 500
+    r: int = 8
+    learning_rate: float = 1e-4
+    lambda_orth: float = 0.0
+    resolution: int = 512
+    prior_preservation: bool = False
+    num_class_images: int = 100
+    seed: int = 0
+    preview_steps: int = 20  # sampling steps of each preview image
+
+    def check(self) -> None:
+        """ValueError naming the first bad field; HRA's own rules (e.g. even r) come from HRAConfig itself."""
+        if not TOKEN_RE.fullmatch(self.token):
+            raise ValueError(f"subject token {self.token!r}: one word of letters, digits or '_' (e.g. sks)")
+        if not CLASS_RE.fullmatch(self.class_noun):
+            raise ValueError(f"class noun {self.class_noun!r}: a plain noun such as 'dog' or 'coffee mug'")
+        if not 1 <= self.steps <= 100_000:
+            raise ValueError(f"steps must be between 1 and 100000, got {self.steps}")
+        if not (self.resolution % 8 == 0 and 32 <= self.resolution <= 2048):
+            raise ValueError(f"resolution must be a multiple of 8 between 32 and 2048, got {self.resolution}")
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"learning rate must be in (0, 1], got {self.learning_rate}")
+        if not 1 <= self.num_class_images <= 10_000:
+            raise ValueError(f"class images must be between 1 and 10000, got {self.num_class_images}")
+        HRAConfig(r=self.r, lambda_orth=self.lambda_orth)
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a photo of {self.token} {self.class_noun}"
+
+    @property
+    def preview_every(self) -> int:
+        """Samples (and checkpoints) about four times per run: enough to watch, cheap enough not to slow it."""
+        return max(1, self.steps // 4)
+
+
+class Studio:
+    """One data folder's jobs, adapters and pipeline. ``base_model=None`` uses the built-in tiny demo model."""
+
+    def __init__(self, data_dir: str | Path, base_model: str | None = None, warm: bool = True) -> None:
+        """``warm``: build the demo model and load the pipeline in the background, so the page is up first."""
+        self.data_dir = Path(data_dir).absolute()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.demo = base_model is None
+        self.base_label = "the built-in tiny demo model" if self.demo else base_model
+        self.store = AdapterStore(self.data_dir / "adapters", self.data_dir / "exports")
+        self._base = base_model
+        self._pipe: Any = None
+        self._pipe_error: Exception | None = None
+        self._control: str | None = None  # the control adapter whose encoder sits on the UNet
+        self._ready = threading.Event()
+        self._lock = threading.RLock()  # one pipeline, used by one request at a time
+        self.jobs = JobQueue(self.data_dir / "jobs", on_finish=self._keep_adapter)  # last: its worker calls back
+        if warm:
+            threading.Thread(target=self._load, name="hra-warm", daemon=True).start()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        """Build the demo model if needed, then load the pipeline once; an error is kept and shown on every use."""
+        try:
+            if self._base is None:
+                from hra_diffusion.tiny import ensure_tiny_pipeline  # imports diffusers: kept off the start path
+
+                self._base = str(ensure_tiny_pipeline(self.data_dir / "models", controlnet=False))
+            self._pipe = load_pipeline(self._base)
+        except Exception as err:
+            self._pipe_error = err
+        finally:
+            self._ready.set()
+
+    @property
+    def base_model(self) -> str:
+        """The base model's hub id or folder (the demo's folder once it is built)."""
+        self._ready.wait()
+        if self._base is None:
+            raise self._pipe_error
+        return self._base
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def defaults(self) -> TrainSettings:
+        if self.demo:
+            # It draws noise whatever the steps: small, quick previews keep the demo snappy on a CPU.
+            return TrainSettings(steps=40, resolution=64, num_class_images=8, preview_steps=4)
+        return TrainSettings()
+
+    def check_photos(self, paths: list[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
+        """(usable photos, [{"file", "reason"}, ...]): every file is decoded once here, with the library's checks."""
+        good: list[Path] = []
+        rejected: list[dict[str, str]] = []
+        for raw in paths:
+            path = Path(raw)
+            try:
+                size = path.stat().st_size
+                if size > MAX_PHOTO_BYTES:
+                    raise ImageError(path, f"file is {size / 2**20:.1f} MB, over the {MAX_PHOTO_BYTES >> 20} MB limit")
+                load_image(path, max_pixels=MAX_PHOTO_PIXELS)
+            except (ImageError, OSError) as err:
+                rejected.append({"file": path.name, "reason": getattr(err, "reason", str(err))})
+            else:
+                good.append(path)
+        return good, rejected
+
+    def train(self, photos: list[str | Path], settings: TrainSettings) -> dict[str, Any]:
+        """Queue a DreamBooth run on the usable photos; the answer lists the rejected ones with their reasons."""
+        settings.check()
+        good, rejected = self.check_photos(photos)
+        if not good:
+            reasons = "; ".join(f"{r['file']}: {r['reason']}" for r in rejected) or "no files were given"
+            raise ValueError(f"no usable photos ({reasons})")
+        if len(good) > MAX_PHOTOS:
+            raise ValueError(f"{len(good)} photos; at most {MAX_PHOTOS} per run (DreamBooth needs 3-20)")
+
+        def prepare(folder: Path) -> list[str]:
+            instance = folder / "instance"
+            instance.mkdir()
+            for i, photo in enumerate(good):
+                shutil.copyfile(photo, instance / f"{i:02d}-{slug(photo.stem, 'photo')}{photo.suffix.lower()}")
+            return self._trainer_argv(folder, settings)
+
+        job = self.jobs.submit({**asdict(settings), "photos": len(good)}, prepare)
+        return {**self.describe(job), "rejected": rejected}
+
+    def _trainer_argv(self, folder: Path, s: TrainSettings) -> list[str]:
+        """The DreamBooth trainer's command line (diffusers' flag names)."""
+        argv = [
+            sys.executable, "-m", "training.dreambooth_hra",
+            "--pretrained_model_name_or_path", self.base_model,
+            "--instance_data_dir", str(folder / "instance"),
+            "--instance_prompt", s.instance_prompt,
+            "--output_dir", str(folder / "out"),
+            "--resolution", str(s.resolution),
+            "--max_train_steps", str(s.steps),
+            "--learning_rate", str(s.learning_rate),
+            "--hra_r", str(s.r),
+            "--hra_lambda", str(s.lambda_orth),
+            "--checkpointing_steps", str(s.preview_every),
+            "--validation_prompt", s.instance_prompt,
+            "--validation_steps", str(s.preview_every),
+            "--num_validation_images", "1",
+            "--num_validation_inference_steps", str(s.preview_steps),
+            "--seed", str(s.seed),
+        ]  # fmt: skip
+        if s.prior_preservation:
+            # Class images depend only on the base model and the class: shared by every job that asks for them.
+            model_key = hashlib.sha256(self.base_model.encode()).hexdigest()[:8]
+            class_dir = self.data_dir / "class_images" / f"{model_key}-{slug(s.class_noun)}"
+            argv += [
+                "--with_prior_preservation",
+                "--class_prompt", f"a photo of {s.class_noun}",
+                "--class_data_dir", str(class_dir),
+                "--num_class_images", str(s.num_class_images),
+            ]  # fmt: skip
+        return argv
+
+    def _keep_adapter(self, job: Job) -> str:
+        """Put a finished (or stopped) job's adapter on the shelf as ``<token>-<job id>``; a resumed job replaces it."""
+        name = job.result or f"{job.settings['token']}-{job.id}"
+        with self._lock:
+            self._unload(name)
+            self.store.add(inside(self.data_dir, job.adapter), name)
+        return name
+
+    def describe(self, job: Job) -> dict[str, Any]:
+        """A job as the API returns it: no command line or pid, plus the queue position and a 0-1 progress."""
+        data = job.to_dict()
+        for key in ("argv", "pid", "ended"):
+            data.pop(key)
+        data["position"] = self.jobs.position(job.id)
+        data["progress"] = min(1.0, job.step / job.max_steps) if job.max_steps else 0.0
+        data["samples"] = [p for p in job.samples if self._served(p)]
+        return data
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        return self.describe(self.jobs.get(job_id))
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return [self.describe(job) for job in self.jobs.list()]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.describe(self.jobs.cancel(job_id))
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return self.describe(self.jobs.resume(job_id))
+
+    # ---------------------------------------------------------------------------------------------- generation
+
+    def _pipeline(self) -> Any:
+        """The base pipeline, loaded once at start and kept for every later request."""
+        self._ready.wait()
+        if self._pipe is None:
+            raise self._pipe_error
+        return self._pipe
+
+    def generate(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        negative_prompt: str = "",
+        seed: int = 0,
+        steps: int = 25,
+        guidance: float = 7.5,
+        num_images: int = 1,
+        strength: float = 1.0,
+        control_adapter: str | None = None,
+        control_image: Image.Image | None = None,
+        control_type: str = "canny",
+        control_scale: float = 1.0,
+    ) -> list[Image.Image]:
+        """Images for ``prompt`` with one subject adapter (or none) at ``strength``; image i uses seed + i.
+
+        With ``control_image``, ``control_adapter`` steers the layout: the image is turned into its condition map
+        (``control_type``: "canny" edges, or "none" for an image that already is one).
+        """
+        if not 1 <= num_images <= 8:
+            raise ValueError(f"number of images must be between 1 and 8, got {num_images}")
+        if control_image is not None and not control_adapter:
+            raise ValueError("a control image needs a control adapter (import one on the Adapters tab)")
+        condition = self.condition(control_image, control_type) if control_image is not None else None
+        with self._lock:
+            pipe = self._pipeline()
+            self._use(adapter or None, control_adapter if condition is not None else None, strength)
+            return sample(
+                pipe, prompt, negative_prompt=negative_prompt or None, num_images=int(num_images), seed=int(seed),
+                steps=int(steps), guidance=float(guidance), control_image=condition, control_scale=control_scale,
+            )  # fmt: skip
+
+    def condition(self, image: Image.Image, control_type: str = "canny") -> Image.Image:
+        """The condition map a control adapter sees for ``image`` (shown beside the upload)."""
+        if control_type not in CONTROL_TYPES:
+            raise ValueError(f"control preprocessing must be one of {CONTROL_TYPES}, got {control_type!r}")
+        return make_condition(image, control_type)
+
+    def _use(self, subject: str | None, control: str | None, strength: float = 1.0) -> None:
+        """Make exactly these adapters active, loading each file once; the UNet holds one control encoder at a time."""
+        if self._control not in (None, control):
+            self._unload(self._control)
+        names = [name for name in (control, subject) if name]  # control first, as docs/control.md loads them
+        paths = [self.store.path(name) for name in names]
+        if control:
+            self._control = control
+        attach_adapters(self._pipe, paths, strengths=[strength if n == subject else 1.0 for n in names])
+
+    def _unload(self, name: str | None) -> None:
+        """Drop adapter ``name`` (and its control encoder) from the cached pipeline: its file changed or went away."""
+        if self._pipe is None or name is None:
+            return
+        if name == self._control:
+            if control_encoder(self._pipe.unet) is not None:
+                detach_control(self._pipe.unet)
+            self._control = None
+        for model in (self._pipe.unet, self._pipe.text_encoder):
+            if name in hra_adapters(model):
+                remove_hra(model, name)
+
+    # ------------------------------------------------------------------------------------------------ adapters
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        return self.store.list()
+
+    def delete_adapter(self, name: str) -> None:
+        with self._lock:
+            self._unload(name)
+            self.store.delete(name)
+
+    def import_adapter(self, upload: str | Path, filename: str | None = None) -> dict[str, Any]:
+        """Shelve an uploaded adapter file once it has loaded into this base model (never unpickled: safetensors).
+
+        Refused with the reason when it is not an HRA file or was made for other layers.
+        """
+        upload = Path(upload)
+        if upload.stat().st_size > MAX_ADAPTER_BYTES:
+            raise ValueError(f"{upload.name} is over {MAX_ADAPTER_BYTES >> 30} GB: not an adapter")
+        kind = read_hra_metadata(upload).get("kind")
+        name = self.store.unique_name(Path(filename or upload.name).stem)
+        with self._lock:
+            pipe = self._pipeline()
+            if kind == CONTROL_KIND:  # its encoder takes the UNet's one control slot
+                self._unload(self._control)
+                self._control = name
+            try:
+                attach_adapters(pipe, [upload], names=[name])
+            finally:
+                self._unload(name)  # loaded again from the shelf when used; this load only proved that it fits
+            self.store.add(upload, name)
+        return self.store.info(name)
+
+    def export_adapter(self, name: str, fmt: str = "hra") -> Path:
+        """A downloadable file of adapter ``name`` in format ``fmt`` (see EXPORTS), made once and cached."""
+        if fmt not in EXPORTS:
+            raise ValueError(f"unknown export format {fmt!r}; choose from {sorted(EXPORTS)}")
+        if fmt == "hra":
+            return self.store.path(name)
+        if self.store.info(name)["kind"] == CONTROL_KIND:
+            raise ValueError("a control adapter downloads as an HRA file only: its hint encoder has no other form")
+        target = self.store.export_path(name, EXPORTS[fmt][0])  # dropped whenever the adapter's file changes
+        if target.is_file():
+            return target
+        with self._lock:
+            pipe = self._pipeline()
+            self._use(name, None)
+            work = target.with_name(f"{target.stem}-work")
+            shutil.rmtree(work, ignore_errors=True)
+            if fmt == "peft":
+                _zip(export_peft(pipe.unet, work, adapter_name=name, base_model=self.base_model), target)
+            elif fmt == "merged":
+                _zip(export_merged(pipe, work, adapter_name=name), target)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+                export_lora(components, target, format=fmt.removeprefix("lora-"), adapter_name=name)
+            shutil.rmtree(work, ignore_errors=True)
+        return target
+
+    # ---------------------------------------------------------------------------------------------------- files
+
+    def _served(self, path: str | Path) -> bool:
+        try:
+            self.served_file(path)
+        except OSError:
+            return False
+        return True
+
+    def served_file(self, path: str | Path) -> Path:
+        """``path`` if it may be sent to a browser (a file inside the data folder); PermissionError otherwise."""
+        resolved = inside(self.data_dir, path)
+        if not resolved.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        return resolved
+
+    def close(self) -> None:
+        """Stop the queue; a running job is saved and shown as interrupted at the next start."""
+        self.jobs.close()
+
+
+def _zip(folder: Path, target: Path) -> None:
+    """Zip ``folder``'s contents into ``target`` (written beside it, then renamed)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder))
+    tmp.replace(target)

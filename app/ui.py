@@ -1,0 +1,325 @@
+"""The Gradio page and the named API endpoints, built from a :class:`~app.studio.Studio`; wiring only.
+
+Endpoints for scripts and ``gradio_client``: train, job_status, list_jobs, cancel, resume, generate, list_adapters,
+download_adapter, import_adapter, delete_adapter. Library errors (a bad photo, a wrong base model) reach the user as
+their message through ``gr.Error``.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from .jobs import ACTIVE
+from .studio import CONTROL_KIND, CONTROL_TYPES, EXPORTS, MAX_PHOTOS, Studio, TrainSettings
+
+USER_ERRORS = (ValueError, KeyError, OSError)  # the library's errors (bad photo, wrong base model) subclass these
+JOB_COLUMNS = ["job", "status", "step", "loss", "subject", "queued at", "adapter"]
+ADAPTER_COLUMNS = ["name", "kind", "base model", "instance prompt", "steps", "r", "created", "KB"]
+DEMO_NOTE = (
+    "**Demo model.** No base model was given, so HRA Studio runs a tiny built-in model with random weights: "
+    "everything works (training, stopping, adapters, exports) but it draws noise. For real pictures start it with a "
+    "Stable Diffusion 1.x/2.x model: `python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or "
+    "`--base-model /path/to/diffusers/folder`."
+)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Show expected failures as their message in the page / the API answer instead of a bare 'Error'."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise gr.Error(message, print_exception=False) from err
+
+    return wrapper
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def _progress_html(job: dict[str, Any] | None) -> str:
+    if job is None:
+        return "<div id='job-progress' data-status='none'>No job yet: upload photos and press Start training.</div>"
+    status = job["status"]
+    parts = [f"<b>{html.escape(job['id'])}</b>", f"<b>{status}</b>"]
+    if job["position"]:
+        parts.append(f"number {job['position']} in the queue")
+    if job["max_steps"]:
+        parts.append(f"step {job['step']}/{job['max_steps']}")
+    if job["loss"] is not None:
+        parts.append(f"loss {job['loss']:.4f}")
+    if status in ACTIVE and job["eta_s"] is not None:
+        parts.append(f"{_clock(job['eta_s'])} left")
+    if job["result"]:
+        parts.append(f"adapter <code>{html.escape(job['result'])}</code>")
+    message = f"<pre>{html.escape(job['message'])}</pre>" if job["message"] else ""
+    return (
+        f"<div id='job-progress' data-status='{status}'>{' · '.join(parts)}"
+        f"<progress value='{job['progress']:.3f}' max='1' style='width:100%'></progress>{message}</div>"
+    )
+
+
+def _job_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [
+            j["id"],
+            j["status"] + (f" (#{j['position']})" if j["position"] else ""),
+            f"{j['step']}/{j['max_steps']}" if j["max_steps"] else "",
+            f"{j['loss']:.4f}" if j["loss"] is not None else "",
+            f"{j['settings']['token']} {j['settings']['class_noun']}",
+            time.strftime("%m-%d %H:%M:%S", time.localtime(j["created"])),
+            j["result"] or "",
+        ]
+        for j in jobs
+    ]
+
+
+def _adapter_rows(adapters: list[dict[str, Any]]) -> list[list[Any]]:
+    keys = ["name", "kind", "base_model", "instance_prompt", "steps", "r", "created", "size_kb"]
+    blank = [""] * (len(keys) - 3)
+    return [[a["name"], "unreadable", a["error"], *blank] if "error" in a else [a[k] for k in keys] for a in adapters]
+
+
+def _given(value: Any, message: str) -> Any:
+    """``value``, or ValueError(message) for what an emptied box or an unmade choice sends: None or ""."""
+    if value is None or value == "":
+        raise ValueError(message)
+    return value
+
+
+def build(studio: Studio) -> gr.Blocks:
+    """The whole page; every handler is a few lines over ``studio``."""
+    d = studio.defaults()
+
+    def job_view(job_id: str | None) -> tuple[str, list[str], list[list[Any]], str | None]:
+        jobs = studio.list_jobs()
+        job = next((j for j in jobs if j["id"] == job_id), jobs[0] if jobs else None)
+        return _progress_html(job), job["samples"][-8:] if job else [], _job_rows(jobs), job and job["id"]
+
+    def train(photos: list[str] | None, token: str, class_noun: str, steps: float, r: float, lr: float,
+              lam: float, resolution: float, prior: bool, seed: float) -> dict[str, Any]:  # fmt: skip
+        settings = TrainSettings(
+            token=(token or "").strip(),
+            class_noun=(class_noun or "").strip(),
+            steps=int(_given(steps, "Steps is empty")),
+            r=int(_given(r, "r is empty")),
+            learning_rate=float(_given(lr, "Learning rate is empty")),
+            lambda_orth=float(_given(lam, "λ is empty")),
+            resolution=int(_given(resolution, "Resolution is empty")),
+            prior_preservation=bool(prior),
+            seed=int(_given(seed, "Seed is empty")),
+            num_class_images=d.num_class_images,
+            preview_steps=d.preview_steps,
+        )
+        return studio.train(photos or [], settings)
+
+    def check_uploads(photos: list[str] | None) -> tuple[list[str], str]:
+        good, rejected = studio.check_photos(photos or [])
+        lines = [f"- **{r['file']}**: {r['reason']}" for r in rejected]
+        if len(good) > MAX_PHOTOS:
+            lines.insert(0, f"- {len(good)} photos: at most {MAX_PHOTOS} are used per run")
+        head = f"**{len(good)} photo(s) accepted.**" if good else ""
+        return [str(p) for p in good], "\n".join([head, *(["Rejected:", *lines] if lines else [])])
+
+    def start(*inputs: Any) -> tuple[str, str]:
+        job = train(*inputs)
+        skipped = f" ({len(job['rejected'])} file(s) skipped, see the list above)" if job["rejected"] else ""
+        where = f"is number {job['position']} in the queue" if job["position"] else "is starting"
+        return f"Job `{job['id']}` {where}{skipped}.", job["id"]
+
+    def pick_job(evt: gr.SelectData) -> str:
+        return evt.row_value[0]
+
+    def stop_selected(job_id: str | None) -> None:
+        studio.cancel(_given(job_id, "no job to stop"))
+
+    def resume_selected(job_id: str | None) -> None:
+        studio.resume(_given(job_id, "no job to resume"))
+
+    def generate(prompt: str, adapter: str | None, negative: str, seed: float, steps: float, guidance: float,
+                 num_images: float, strength: float, control_adapter: str | None = None, control_image: Any = None,
+                 control_type: str = "canny", control_scale: float = 1.0) -> list[Any]:  # fmt: skip
+        """The None defaults make the control inputs optional for API clients (gradio reads them from here)."""
+        return studio.generate(
+            prompt,
+            adapter or None,
+            negative or "",
+            int(_given(seed, "Seed is empty")),
+            int(_given(steps, "Steps is empty")),
+            float(_given(guidance, "Guidance is empty")),
+            int(num_images),
+            float(strength),
+            control_adapter or None,
+            control_image,
+            control_type,
+            float(control_scale),
+        )
+
+    def preview_condition(image: Any, control_type: str) -> Any:
+        return studio.condition(image, control_type) if image is not None else None
+
+    def download_adapter(name: str, fmt: str) -> str:
+        return str(studio.export_adapter(name, fmt))
+
+    def import_adapter(upload: str | None) -> dict[str, Any]:
+        return studio.import_adapter(_given(upload, "choose a .safetensors adapter file first"))
+
+    def import_in_page(upload: str | None) -> tuple[Any, ...]:
+        info = import_adapter(upload)
+        return f"Imported **{info['name']}** ({info['kind']} adapter).", *adapters_view(info["name"])
+
+    def delete_adapter(name: str) -> dict[str, Any]:
+        studio.delete_adapter(name)
+        return {"deleted": name}
+
+    def delete_in_page(name: str | None) -> tuple[Any, ...]:
+        delete_adapter(_given(name, "choose an adapter first"))
+        return f"Deleted **{name}**.", *adapters_view()
+
+    def adapters_view(shelf_pick: str | None = None, gen_pick: str | None = None,
+                      control_pick: str | None = None) -> tuple[Any, ...]:  # fmt: skip
+        """The table and the three adapter pickers, keeping picks that still exist (else: the newest)."""
+        rows = studio.list_adapters()
+        names = [a["name"] for a in rows]
+        subjects = [a["name"] for a in rows if a.get("kind") != CONTROL_KIND]
+        controls = [a["name"] for a in rows if a.get("kind") == CONTROL_KIND]
+        return (
+            _adapter_rows(rows),
+            gr.update(choices=names, value=shelf_pick if shelf_pick in names else (names or [None])[0]),
+            gr.update(choices=[("(none: base model)", ""), *subjects],
+                      value=gen_pick if gen_pick in subjects else (subjects or [""])[0]),
+            gr.update(choices=controls, value=control_pick if control_pick in controls else (controls or [None])[0]),
+            gr.update(visible=bool(controls)),
+        )  # fmt: skip
+
+    with gr.Blocks(title="HRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(
+            "# HRA Studio\nTeach Stable Diffusion a subject from a few photos with Householder Reflection "
+            f"Adaptation, then generate with it. Base model: `{studio.base_label}`."
+        )
+        if studio.demo:
+            gr.Markdown(DEMO_NOTE, elem_id="demo-note")
+        selected = gr.State(None)
+        api_out = gr.JSON(visible=False)
+
+        with gr.Tab("Train", id="train"):
+            with gr.Row():
+                with gr.Column():
+                    photos = gr.File(
+                        label=f"Photos of your subject (1-{MAX_PHOTOS}; JPEG, PNG, WebP)", file_count="multiple",
+                        file_types=["image"], height=160, elem_id="photos",
+                    )  # fmt: skip
+                    preview = gr.Gallery(label="Accepted photos", columns=6, height=160, elem_id="photo-preview")
+                    upload_report = gr.Markdown(elem_id="upload-report")
+                with gr.Column():
+                    with gr.Row():
+                        token = gr.Textbox(d.token, label="Subject token", info="a rare word meaning your subject")
+                        class_noun = gr.Textbox(d.class_noun, label="Class noun", info="what it is: dog, mug, person")
+                    with gr.Row():
+                        steps = gr.Number(d.steps, label="Steps", precision=0, minimum=1, elem_id="train-steps")
+                        r = gr.Number(d.r, label="r (reflections)", precision=0, minimum=1)
+                        resolution = gr.Number(d.resolution, label="Resolution", precision=0, minimum=32, step=8)
+                    with gr.Row():
+                        lr = gr.Number(d.learning_rate, label="Learning rate")
+                        lam = gr.Number(d.lambda_orth, label="λ (orthogonality)", minimum=0)
+                        seed = gr.Number(d.seed, label="Seed", precision=0)
+                    prior = gr.Checkbox(d.prior_preservation, label="Prior preservation (makes class images first)")
+                    start_btn = gr.Button("Start training", variant="primary", elem_id="start-train")
+                    start_msg = gr.Markdown(elem_id="start-msg")
+            progress = gr.HTML(_progress_html(None), elem_id="progress-box")
+            with gr.Row():
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-job")
+                resume_btn = gr.Button("Resume from last checkpoint", elem_id="resume-job")
+            samples = gr.Gallery(label="Samples during training", columns=8, height=180, elem_id="samples")
+            job_table = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs (click one to follow it)", interactive=False)
+
+        with gr.Tab("Generate", id="generate") as generate_tab:
+            with gr.Row():
+                with gr.Column():
+                    adapter = gr.Dropdown([("(none: base model)", "")], value="", label="Adapter",
+                                          allow_custom_value=True, elem_id="gen-adapter")  # fmt: skip
+                    prompt = gr.Textbox(d.instance_prompt, label="Prompt", elem_id="gen-prompt")
+                    negative = gr.Textbox("", label="Negative prompt")
+                    with gr.Row():
+                        gen_seed = gr.Number(0, label="Seed", precision=0)
+                        gen_steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=150, elem_id="g-steps")
+                        guidance = gr.Number(7.5, label="Guidance", minimum=0)
+                    with gr.Row():
+                        num_images = gr.Slider(1, 8, 1, step=1, label="Images")
+                        strength = gr.Slider(0, 1, 1, step=0.05, label="Adapter strength")
+                    with gr.Accordion("Control (layout from an image)", open=False, visible=False) as control_box:
+                        control_adapter = gr.Dropdown([], label="Control adapter", allow_custom_value=True)
+                        with gr.Row():
+                            control_image = gr.Image(type="pil", label="Control image", height=200,
+                                                     elem_id="control-image")  # fmt: skip
+                            condition = gr.Image(type="pil", label="What the adapter sees", height=200,
+                                                 interactive=False, elem_id="condition")  # fmt: skip
+                        with gr.Row():
+                            control_type = gr.Radio(list(CONTROL_TYPES), value="canny", label="Preprocessing",
+                                                    info="canny: edges of a photo; none: already a condition map")
+                            control_scale = gr.Slider(0, 2, 1, step=0.05, label="Control strength")
+                    gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                gallery = gr.Gallery(label="Images", columns=2, height=480, format="png", elem_id="gallery",
+                                     buttons=["download", "fullscreen"])  # fmt: skip
+
+        with gr.Tab("Adapters", id="adapters") as adapters_tab:
+            adapter_table = gr.Dataframe(headers=ADAPTER_COLUMNS, label="Adapters", interactive=False)
+            with gr.Row():
+                chosen = gr.Dropdown(label="Adapter", allow_custom_value=True, elem_id="shelf-adapter")
+                fmt = gr.Radio([(f"{k}: {v[1]}", k) for k, v in EXPORTS.items()], value="hra", label="Download as")
+            with gr.Row():
+                download_btn = gr.Button("Prepare download", variant="primary")
+                delete_btn = gr.Button("Delete", variant="stop")
+            download = gr.File(label="Download", interactive=False, height=80)
+            with gr.Accordion("Import an adapter file", open=False):
+                upload = gr.File(label="HRA Studio adapter (.safetensors)", file_types=[".safetensors"], height=120)
+                import_btn = gr.Button("Import")
+            shelf_msg = gr.Markdown()
+
+        # The page.
+        photos.change(check_uploads, photos, [preview, upload_report], api_visibility="private")
+        train_inputs = [photos, token, class_noun, steps, r, lr, lam, resolution, prior, seed]
+        start_btn.click(_user_errors(start), train_inputs, [start_msg, selected], api_visibility="private")
+        view = [progress, samples, job_table, selected]
+        gr.Timer(1.0).tick(job_view, selected, view, queue=False, api_visibility="private")
+        job_table.select(pick_job, None, selected, api_visibility="private")
+        stop_btn.click(_user_errors(stop_selected), selected, None, api_visibility="private")
+        resume_btn.click(_user_errors(resume_selected), selected, None, api_visibility="private")
+        gen_inputs = [prompt, adapter, negative, gen_seed, gen_steps, guidance, num_images, strength,
+                      control_adapter, control_image, control_type, control_scale]  # fmt: skip
+        gen_btn.click(_user_errors(generate), gen_inputs, gallery, api_name="generate")
+        gr.on([control_image.change, control_type.change], _user_errors(preview_condition),
+              [control_image, control_type], condition, api_visibility="private")  # fmt: skip
+        shelf = [adapter_table, chosen, adapter, control_adapter, control_box]
+        for event in (demo.load, adapters_tab.select, generate_tab.select):
+            event(adapters_view, [chosen, adapter, control_adapter], shelf, api_visibility="private")
+        download_btn.click(_user_errors(download_adapter), [chosen, fmt], download, api_name="download_adapter")
+        delete_btn.click(_user_errors(delete_in_page), chosen, [shelf_msg, *shelf], api_visibility="private")
+        import_btn.click(_user_errors(import_in_page), upload, [shelf_msg, *shelf], api_visibility="private")
+
+        # API-only endpoints: the same inputs as the page, a JSON answer.
+        gr.Button(visible=False).click(_user_errors(train), train_inputs, api_out, api_name="train")
+        gr.Button(visible=False).click(_user_errors(import_adapter), upload, api_out, api_name="import_adapter")
+        for fn, name in (
+            (studio.job_status, "job_status"),
+            (studio.list_jobs, "list_jobs"),
+            (studio.cancel, "cancel"),
+            (studio.resume, "resume"),
+            (studio.list_adapters, "list_adapters"),
+            (delete_adapter, "delete_adapter"),
+        ):
+            gr.api(_user_errors(fn), api_name=name)
+    return demo
