@@ -76,10 +76,17 @@ class HRALayer(nn.Module):
             self.active.remove(name)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """(V, S) with H = I - V S V^T for this adapter at its strength, in float32."""
-        v, s = hh.hra_factors(self.hra_u[name], self.hra_u0[name] if name in self.hra_u0 else None)
+        """(V, S) with H = I - V S V^T for this adapter at its strength, in float32.
+
+        Fractional strengths start from float64 factors: near a half turn H^s amplifies rounding in its input by
+        about 1/sin(angle), and from float32 factors H^0.5 H^0.5 missed H by up to 1e-3 (strongly moved vectors).
+        """
+        u, u0 = self.hra_u[name], self.hra_u0[name] if name in self.hra_u0 else None
         strength = self.strength[name]
-        return (v, s) if strength == 1.0 else hh.fractional_factors(v, s, strength)
+        if strength == 1.0:
+            return hh.hra_factors(u, u0)
+        v, s = hh.fractional_factors(*hh.hra_factors(u.double(), None if u0 is None else u0.double()), strength)
+        return v.float(), s.float()
 
     def weight2d(self) -> Tensor:
         return self.base_layer.weight.reshape(self.d_out, -1)
@@ -101,9 +108,12 @@ class HRALayer(nn.Module):
         if form == "activation":
             if isinstance(self.base_layer, nn.Conv2d):
                 raise ValueError("the activation-side form applies to Linear layers only")
-            for v, s in reversed(factors):  # y = x (W H_a H_b)^T = x H_b^T H_a^T W^T
+            for v, s in reversed(factors[1:]):  # y = x (W H_a H_b)^T = x H_b^T H_a^T W^T
                 x = hh.apply_transpose(x, v.to(x.dtype), s.to(x.dtype))
-            return self.base_layer(x)
+            v, s = factors[0][0].to(x.dtype), factors[0][1].to(x.dtype)
+            if type(self.base_layer) is nn.Linear:  # exactly: subclasses (quantized layers) keep their own forward
+                return hh.apply_transpose_linear(x, v, s, self.base_layer.weight, self.base_layer.bias)
+            return self.base_layer(hh.apply_transpose(x, v, s))
         if form == "lora" and len(factors) == 1:
             return self._lora_forward(x, *factors[0])
         return self._weight_forward(x, factors)
