@@ -41,20 +41,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hra_diffusion.tiny import SD15_UNET_CONFIG  # noqa: E402
+
 MODES = ("hra", "lora")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGET_SPEED = 0.95  # HRA steps/s >= 0.95 x LoRA's
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
 
 
 class RandomLatents(torch.utils.data.Dataset):
@@ -141,7 +132,7 @@ def worker(args: argparse.Namespace) -> dict:
     )
     accelerator = make_accelerator(cfg)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     unet.requires_grad_(False)
     if args.mode == "hra":
         add_hra(unet, HRAConfig(r=args.r, target_modules=tuple(TARGETS)))

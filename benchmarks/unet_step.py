@@ -20,6 +20,11 @@ together and take their steps in turn (rotating order), so that a busy machine s
 (2.4x LoRA's time and memory on CPU) runs alone afterwards, so its ratio to LoRA is not interleaved.
 CPU memory needed: about 4.5 GiB per mode alive at once (13.5 GiB for the three fast modes), then about 10.5 GiB for
 peft's HRA; a mode that does not fit in the RAM free at its start is skipped, with a warning.
+
+Separate processes hold separately allocated models, and where a model lands in memory moved its step time by
++-4% on the development CPU, even between two identical copies. So the time target is judged on a paired run: ONE
+UNet carrying both adapters (peft's LoRA around each target layer, ours around the frozen Linear inside it), the
+steps alternating between them (the other one disabled), and the median of the per-pair ratios. --no-paired skips it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,21 +45,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hra_diffusion.tiny import SD15_UNET_CONFIG  # noqa: E402
+
 MODES = ["frozen", "lora", "hra_peft", "ours"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGET_TIME_VS_LORA = 1.05
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
 
 
 def build_unet(mode: str, r: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -61,7 +58,7 @@ def build_unet(mode: str, r: int, device: str, dtype: torch.dtype) -> torch.nn.M
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device=device, dtype=dtype).train()
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=device, dtype=dtype).train()
     unet.requires_grad_(False)
     if mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -77,9 +74,39 @@ def build_unet(mode: str, r: int, device: str, dtype: torch.dtype) -> torch.nn.M
         from hra_diffusion import HRAConfig, add_hra
 
         add_hra(unet, HRAConfig(r=r, target_modules=tuple(TARGETS)))
+    elif mode == "paired":  # LoRA around each target layer, our HRA around the frozen Linear inside it
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from hra_diffusion import HRAConfig, add_hra
+
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS), unet)
+        add_hra(unet, HRAConfig(r=r, target_modules=r".*(to_q|to_k|to_v|to_out\.0)\.base_layer"))
+        for name, param in unet.named_parameters():  # add_hra froze everything else, LoRA included
+            param.requires_grad_("lora_" in name or "hra_u" in name)
     elif mode != "frozen":
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     return unet
+
+
+def paired_switch(unet: torch.nn.Module) -> Callable[[str], None]:
+    """For the paired model: a function that makes "lora" or "ours" the only adapter computing.
+
+    The disabled one forwards straight to its base layer, a few microseconds of Python per layer in both modes.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    from hra_diffusion import hra_layers
+
+    loras = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    ours = [layer for _, layer in hra_layers(unet)]
+
+    def switch(adapter: str) -> None:
+        for m in loras:
+            m._disable_adapters = adapter != "lora"
+        for layer in ours:
+            layer.enabled = adapter == "ours"
+
+    return switch
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -104,10 +131,13 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "frozen":
         latents.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
+    switch = paired_switch(unet) if args.worker == "paired" else None
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    def step() -> float:
+    def step(adapter: str) -> float:
+        if switch:
+            switch(adapter)
         for p in params:
             p.grad = None
         latents.grad = None
@@ -122,8 +152,8 @@ def worker(args: argparse.Namespace) -> None:
 
     print("READY", flush=True)
     for command in sys.stdin:
-        if command.strip() == "step":
-            print(f"TIME {step()}", flush=True)
+        if command.startswith("step"):
+            print(f"TIME {step(command[4:].strip())}", flush=True)
         elif command.strip() == "reset_peak":
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -160,10 +190,11 @@ class Worker:
                 return line[len(answer) :].strip()
         raise RuntimeError(f"mode {self.mode}: the worker died (exit code {self.proc.wait()}); see its stderr above")
 
-    def step(self, timed: bool = True) -> None:
-        seconds = float(self.ask("step", "TIME "))
+    def step(self, timed: bool = True, adapter: str = "") -> float:
+        seconds = float(self.ask(f"step {adapter}", "TIME "))
         if timed:
             self.times.append(seconds)
+        return seconds
 
     def finish(self) -> dict:
         result = json.loads(self.ask("peak", "RESULT "))
@@ -220,6 +251,30 @@ def run_interleaved(modes: list[str], steps: int, args: argparse.Namespace) -> d
     return {w.mode: w.finish() for w in workers}
 
 
+def run_paired(steps: int, args: argparse.Namespace) -> dict:
+    """LoRA against ours on ONE UNet, steps alternating (LoRA, ours), (ours, LoRA), ...
+
+    Separate processes hold separately allocated copies of the 3.4 GB model, and where those land in memory moved a
+    mode's step time by +-4% here, even between two identical copies (measured). One model carrying both adapters
+    removes that, so the median of the per-pair ratios is the time figure the target is judged on.
+    """
+    w = Worker("paired", args)
+    for adapter in ("lora", "ours") * args.warmup:
+        w.step(timed=False, adapter=adapter)
+    times: dict[str, list[float]] = {"lora": [], "ours": []}
+    for i in range(steps):
+        for adapter in ("lora", "ours") if i % 2 == 0 else ("ours", "lora"):
+            times[adapter].append(w.step(timed=False, adapter=adapter))
+        print(
+            f"paired step {i + 1}/{steps}: lora {times['lora'][-1]:.2f} s, ours {times['ours'][-1]:.2f} s",
+            file=sys.stderr,
+        )
+    w.ask("peak", "RESULT ")
+    w.proc.wait()
+    ratios = [o / lo for lo, o in zip(times["lora"], times["ours"])]
+    return {"times": times, "ratios": ratios, "ratio": statistics.median(ratios)}
+
+
 def markdown(results: dict[str, dict], cuda: bool) -> str:
     mem = "peak CUDA memory (GiB)" if cuda else "peak RSS (GiB)"
     head = ["mode", "trainable params", "s / step (median)", "steps", mem, "time / LoRA", "memory / LoRA"]
@@ -265,7 +320,13 @@ def main() -> None:
     parser.add_argument(
         "--no-memory-check", action="store_true", help="start every mode even if free RAM looks too small for it"
     )
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-paired",
+        dest="paired",
+        action="store_false",
+        help="skip the paired LoRA-vs-ours timing on one UNet (the time target then uses the separate processes)",
+    )
+    parser.add_argument("--worker", choices=MODES + ["paired"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -281,6 +342,9 @@ def main() -> None:
     if "hra_peft" in args.modes and affordable(["hra_peft"], args):
         results.update(run_interleaved(["hra_peft"], args.peft_hra_steps, args))
     results = {mode: results[mode] for mode in args.modes if mode in results}
+    paired = None
+    if args.paired and {"lora", "ours"} <= set(args.modes) and affordable(["paired"], args):
+        paired = run_paired(args.steps, args)
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if cuda else f"CPU, {threads} thread" + ("s" if threads != 1 else "")
     latent = args.resolution // 8
@@ -291,12 +355,22 @@ def main() -> None:
     print(markdown(results, cuda))
     load = [load_start, os.getloadavg()[0]]
     print(f"\nmachine load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores")
+    if paired:
+        lora_s, ours_s = (statistics.median(paired["times"][a]) for a in ("lora", "ours"))
+        print(
+            f"\npaired, one UNet carrying both adapters, {len(paired['ratios'])} alternating pairs: LoRA {lora_s:.2f} "
+            f"s/step, ours {ours_s:.2f} s/step, ours / LoRA {paired['ratio']:.3f} (median of the per-pair ratios)"
+        )
     if {"ours", "lora"} <= results.keys():
         ours, lora = results["ours"], results["lora"]
-        time_ratio = statistics.median(ours["times"]) / statistics.median(lora["times"])
+        separate = statistics.median(ours["times"]) / statistics.median(lora["times"])
+        time_ratio, how = (paired["ratio"], "paired") if paired else (separate, "separate processes")
         mem_ok = ours["peak_gib"] <= lora["peak_gib"]
         time_ok = time_ratio <= TARGET_TIME_VS_LORA
-        print(f"\ntarget ours <= {TARGET_TIME_VS_LORA}x LoRA time: {'PASS' if time_ok else 'FAIL'} ({time_ratio:.3f}x)")
+        print(
+            f"\ntarget ours <= {TARGET_TIME_VS_LORA}x LoRA time: {'PASS' if time_ok else 'FAIL'} ({time_ratio:.3f}x "
+            f"{how}; separate processes: {separate:.3f}x)"
+        )
         print(
             f"target ours <= LoRA peak memory: {'PASS' if mem_ok else 'FAIL'} "
             f"({ours['peak_gib']:.2f} vs {lora['peak_gib']:.2f} GiB)"
@@ -313,7 +387,7 @@ def main() -> None:
             "clock": args.clock,
             "load_avg_1min": load,  # above the core count: other processes competed
         }
-        Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({**meta, "results": results, "paired": paired}, indent=2))
 
 
 if __name__ == "__main__":

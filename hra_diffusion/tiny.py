@@ -33,6 +33,19 @@ MARKER = "tiny_sd.json"  # written last into every folder this module builds
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # 48,894: what OpenAI CLIP (and SD1.5) use of the 262k-line BPE file
 
+# The real SD1.5 UNet architecture; built from this with random weights, benchmarks measure what users train.
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """OpenAI's reversible byte -> printable unicode map (same as CLIP / GPT-2)."""
