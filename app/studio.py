@@ -18,12 +18,12 @@ from typing import Any
 
 from PIL import Image
 
-from hra_diffusion import HRAConfig, hra_adapters, remove_hra
-from hra_diffusion.control import CONTROL_KIND, control_encoder, detach_control, make_condition
+from hra_diffusion import HRAConfig
+from hra_diffusion.control import CONTROL_KIND, make_condition
 from hra_diffusion.data import ImageError, load_image
 from hra_diffusion.export import export_lora, export_merged, export_peft
 from hra_diffusion.io import read_hra_metadata
-from hra_diffusion.pipelines import attach_adapters, load_pipeline
+from hra_diffusion.pipelines import attach_adapters, load_pipeline, unload_adapter
 from hra_diffusion.pipelines import generate as sample
 
 from .jobs import Job, JobQueue
@@ -101,7 +101,6 @@ class Studio:
         self._base = base_model
         self._pipe: Any = None
         self._pipe_error: Exception | None = None
-        self._control: str | None = None  # the control adapter whose encoder sits on the UNet
         self._ready = threading.Event()
         self._lock = threading.RLock()  # one pipeline, used by one request at a time
         self.jobs = JobQueue(self.data_dir / "jobs", on_finish=self._keep_adapter)  # last: its worker calls back
@@ -287,26 +286,15 @@ class Studio:
         return make_condition(image, control_type)
 
     def _use(self, subject: str | None, control: str | None, strength: float = 1.0) -> None:
-        """Make exactly these adapters active, loading each file once; the UNet holds one control encoder at a time."""
-        if self._control not in (None, control):
-            self._unload(self._control)
+        """Make exactly these adapters active, loading each file once (attach_adapters swaps control encoders)."""
         names = [name for name in (control, subject) if name]  # control first, as docs/control.md loads them
         paths = [self.store.path(name) for name in names]
-        if control:
-            self._control = control
-        attach_adapters(self._pipe, paths, strengths=[strength if n == subject else 1.0 for n in names])
+        attach_adapters(self._pipe, paths, strengths=[strength if n == subject else 1.0 for n in names], names=names)
 
-    def _unload(self, name: str | None) -> None:
-        """Drop adapter ``name`` (and its control encoder) from the cached pipeline: its file changed or went away."""
-        if self._pipe is None or name is None:
-            return
-        if name == self._control:
-            if control_encoder(self._pipe.unet) is not None:
-                detach_control(self._pipe.unet)
-            self._control = None
-        for model in (self._pipe.unet, self._pipe.text_encoder):
-            if name in hra_adapters(model):
-                remove_hra(model, name)
+    def _unload(self, name: str) -> None:
+        """Drop adapter ``name`` from the cached pipeline: its file changed or went away."""
+        if self._pipe is not None:
+            unload_adapter(self._pipe, name)
 
     # ------------------------------------------------------------------------------------------------ adapters
 
@@ -326,13 +314,10 @@ class Studio:
         upload = Path(upload)
         if upload.stat().st_size > MAX_ADAPTER_BYTES:
             raise ValueError(f"{upload.name} is over {MAX_ADAPTER_BYTES >> 30} GB: not an adapter")
-        kind = read_hra_metadata(upload).get("kind")
+        read_hra_metadata(upload)  # a clear error for what is not an HRA Studio file, before the model loads
         name = self.store.unique_name(Path(filename or upload.name).stem)
         with self._lock:
             pipe = self._pipeline()
-            if kind == CONTROL_KIND:  # its encoder takes the UNet's one control slot
-                self._unload(self._control)
-                self._control = name
             try:
                 attach_adapters(pipe, [upload], names=[name])
             finally:

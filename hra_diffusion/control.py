@@ -81,6 +81,7 @@ class ConditionEncoder(nn.Module):
         self.condition: Tensor | None = None
         self.scale = 1.0
         self._hook: RemovableHandle | None = None
+        self.adapter_name: str | None = None  # the HRA adapter it was loaded with (load_control_adapter)
 
     @classmethod
     def for_unet(cls, unet: nn.Module, vae_scale_factor: int = 8) -> ConditionEncoder:
@@ -247,6 +248,7 @@ def load_control_adapter(unet: nn.Module, path: str | os.PathLike, adapter_name:
         raise AdapterFileError(f"{path}: the control encoder does not match its stored config ({err})") from err
     _check_attachable(_unwrap(unet), encoder)  # before load_hra changes the UNet
     load_hra(_unwrap(unet), path, adapter_name)
+    encoder.adapter_name = adapter_name or meta.get("adapter_name", "default")
     weight = _unwrap(unet).conv_in.weight
     attach_control(unet, encoder.to(weight.device, weight.dtype))
     return encoder

@@ -10,9 +10,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .control import CONTROL_KIND, condition_tensor, control_condition, load_control_adapter
+from .control import (
+    CONTROL_KIND,
+    condition_tensor,
+    control_condition,
+    control_encoder,
+    detach_control,
+    load_control_adapter,
+)
 from .io import load_hra, read_hra_metadata
-from .model import hra_adapters, set_active_adapters
+from .model import hra_adapters, remove_hra, set_active_adapters
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -92,21 +99,29 @@ def attach_adapters(
     strengths: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
 ) -> list[str]:
-    """Load adapter files into the pipeline's UNet (and text encoder, where the file has a part for it).
+    """Make exactly these adapter files active on the pipeline's UNet (and text encoder, where a file has a part
+    for it), in the given order (W H_1 H_2 ...), each at its strength in [0, 1].
 
-    They are applied in the given order (W H_1 H_2 ...), each at its strength in [0, 1]. A file already loaded
-    under the same name is reused, so calling this per request is cheap. A control adapter (at most one) also
-    attaches its hint encoder; pass ``control_image=`` to :func:`generate` to use it. Returns the adapter names.
+    A file already loaded under the same name is reused and adapters left out are only deactivated, so calling this
+    per request is cheap. At most one control adapter: its hint encoder is attached (pass ``control_image=`` to
+    :func:`generate`), and one loaded by an earlier call but left out now is unloaded, encoder and all. Returns the
+    adapter names.
     """
     paths = [Path(p) for p in adapters]
     names = list(names) if names is not None else [p.stem for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"adapter names must be unique, got {names}")
+    controls = [name for path, name in zip(paths, names) if _is_control_file(path)]
+    if len(controls) > 1:
+        raise ValueError(f"at most one control adapter at a time (the UNet has one hint input), got {controls}")
+    attached = control_encoder(pipe.unet)
+    if attached is not None and attached.adapter_name is not None and attached.adapter_name not in controls:
+        unload_adapter(pipe, attached.adapter_name)
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     for path, name in zip(paths, names):
         if name in hra_adapters(pipe.unet):
             continue
-        if path.is_file() and read_hra_metadata(path).get("kind") == CONTROL_KIND:
+        if name in controls:
             load_control_adapter(pipe.unet, path, adapter_name=name)
         else:
             load_hra(components, path, adapter_name=name)
@@ -117,6 +132,20 @@ def attach_adapters(
             weights = [s for n, s in zip(names, strengths or [1.0] * len(names)) if n in present]
             set_active_adapters(model, chosen, weights)
     return names
+
+
+def unload_adapter(pipe, name: str) -> None:
+    """Remove adapter ``name`` from the pipeline, its control encoder too: for a file that changed or was deleted."""
+    encoder = control_encoder(pipe.unet)
+    if encoder is not None and encoder.adapter_name == name:
+        detach_control(pipe.unet)
+    for model in (pipe.unet, pipe.text_encoder):
+        if name in hra_adapters(model):
+            remove_hra(model, name)
+
+
+def _is_control_file(path: Path) -> bool:
+    return path.is_file() and read_hra_metadata(path).get("kind") == CONTROL_KIND
 
 
 @torch.no_grad()

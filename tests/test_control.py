@@ -1,6 +1,7 @@
 """Controllable generation: hint encoder, joining the UNet, control adapter files, generation, canny scoring."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -177,6 +178,32 @@ def test_generate_with_a_control_image_and_a_subject_adapter(trained, tiny_sd, t
     assert controlled.shape == (2, 64, 64, 3)
     assert np.abs(controlled - plain).max() > 1e-4
     assert control_encoder(pipe.unet).condition is None, "the condition only lasts for the call"
+
+
+def test_attach_adapters_swaps_control_adapters(trained, tiny_sd, tiny_unet, tmp_path):
+    """Per-request attach_adapters (as the app calls it) keeps exactly the listed control encoder on the UNet."""
+    other = tmp_path / "other.safetensors"
+    shutil.copyfile(trained["path"], other)
+    subject = tiny_unet()
+    add_hra(subject, HRAConfig(r=2))
+    subject_path = save_hra(subject, tmp_path / "subject.safetensors")
+    pipe = load_pipeline(tiny_sd, device="cpu")
+    circle = make_condition(_square((64, 64), (10, 10, 40, 50)))
+    kwargs = dict(seed=0, steps=2, height=64, width=64, output_type="np", control_image=circle)
+
+    attach_adapters(pipe, [trained["path"]])
+    first = generate(pipe, "a red circle", **kwargs)[0]
+    attach_adapters(pipe, [other, subject_path])
+    assert control_encoder(pipe.unet).adapter_name == "other"
+    assert "control" not in hra_adapters(pipe.unet), "the replaced control adapter is unloaded, encoder and all"
+    attach_adapters(pipe, [subject_path])
+    assert control_encoder(pipe.unet) is None
+    with pytest.raises(ValueError, match="no control encoder"):
+        generate(pipe, "a red circle", **kwargs)
+    attach_adapters(pipe, [trained["path"]])
+    assert np.array_equal(generate(pipe, "a red circle", **kwargs)[0], first)
+    with pytest.raises(ValueError, match="at most one control adapter"):
+        attach_adapters(pipe, [trained["path"], other])
 
 
 def test_hra_adapter_with_an_off_the_shelf_controlnet(tiny_sd, tiny_unet, tmp_path):
