@@ -49,7 +49,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .config import HRAConfig
 from .data import ImageError
+from .hub import HubError, create_hub_repo, push_run
 from .io import AdapterFileError, AdapterMismatchError, atomic_write, save_hra
 from .model import hra_layers, orthogonality_loss
 from .pipelines import ModelNotFoundError, load_pipeline
@@ -68,7 +70,7 @@ class TrainingError(RuntimeError):
     """A problem the user can fix (bad flag, missing package, diverged run); shown as one line, no traceback."""
 
 
-USER_ERRORS = (TrainingError, ModelNotFoundError, ImageError, AdapterFileError, AdapterMismatchError)
+USER_ERRORS = (TrainingError, ModelNotFoundError, ImageError, AdapterFileError, AdapterMismatchError, HubError)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -123,6 +125,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_output_dir: st
         help="dtype of the frozen weights and autocast; adapters stay fp32 (default: accelerate config)",
     )
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="xformers attention (needs the xformers package; torch's SDPA, the default, is about as fast)",
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("output and checkpoints")
@@ -143,6 +150,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_output_dir: st
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     g.add_argument("--progress_file", default=None, help="append JSON-lines progress events here (for UIs)")
 
+    g = parser.add_argument_group("hugging face hub")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the finished run (adapter, card, samples)")
+    g.add_argument("--hub_model_id", default=None, help="repo to push to (default: the --output_dir folder name)")
+    g.add_argument("--hub_token", default=None, help="token (prefer `hf auth login`: flags end up in shell history)")
+
 
 def target_modules(spec: str) -> tuple[str, ...] | str:
     """--hra_target_modules: a regex if it has regex syntax beyond dots, else a comma list of suffixes."""
@@ -156,6 +168,42 @@ def target_modules(spec: str) -> tuple[str, ...] | str:
     if not names:
         raise TrainingError("--hra_target_modules is empty")
     return names
+
+
+def hra_config_from_args(args: argparse.Namespace, targets: tuple[str, ...] | str | None = None) -> HRAConfig:
+    """The adapter the --hra_* flags ask for; ``targets`` replaces --hra_target_modules (the text encoder's)."""
+    try:
+        return HRAConfig(
+            r=args.hra_r,
+            apply_GS=args.hra_apply_GS,
+            lambda_orth=args.hra_lambda,
+            target_modules=targets or target_modules(args.hra_target_modules),
+        )
+    except ValueError as err:
+        raise TrainingError(f"--hra_* flags: {err}") from err
+
+
+def run_metadata(
+    args: argparse.Namespace, cfg: TrainConfig, accelerator, prediction_type: str, trainer: str, **specific: Any
+) -> dict[str, Any]:
+    """What every trainer records in the adapter file's metadata, with the trainer's own ``specific`` fields."""
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        **specific,
+        "resolution": args.resolution,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler": cfg.lr_scheduler,
+        "train_batch_size": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "hra_r": args.hra_r,
+        "hra_apply_GS": args.hra_apply_GS,
+        "hra_lambda": args.hra_lambda,
+        "hra_target_modules": args.hra_target_modules,
+        "prediction_type": prediction_type,
+        "seed": cfg.seed,
+        "mixed_precision": accelerator.mixed_precision,
+        "trainer": f"hra-studio {trainer}",
+    }
 
 
 @dataclass
@@ -183,6 +231,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str | None = None
     allow_tf32: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
     dataloader_num_workers: int = 0
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
@@ -192,6 +241,9 @@ class TrainConfig:
     report_to: str = "tensorboard"
     logging_dir: str = "logs"
     tracker_project_name: str = "hra-studio"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir).absolute()
@@ -536,6 +588,16 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         raise TrainingError(f"--gradient_checkpointing: {type(model).__name__} does not support it")
 
 
+def _enable_xformers(model: nn.Module) -> None:
+    try:
+        model.enable_xformers_memory_efficient_attention()
+    except (ImportError, ModuleNotFoundError, ValueError) as err:
+        raise TrainingError(
+            f"--enable_xformers_memory_efficient_attention: {err}. Install xformers for your torch and CUDA "
+            "(pip install xformers), or leave the flag out: torch's scaled-dot-product attention is used by default."
+        ) from err
+
+
 def _adamw8bit():
     try:
         import bitsandbytes as bnb
@@ -695,6 +757,13 @@ class _Loop:
         if cfg.gradient_checkpointing:
             for model in self.trainable.values():
                 _enable_gradient_checkpointing(model)
+        if cfg.enable_xformers_memory_efficient_attention:
+            for model in spec.models.values():
+                if hasattr(model, "enable_xformers_memory_efficient_attention"):  # diffusers models
+                    _enable_xformers(model)
+        repo_id = None
+        if cfg.push_to_hub and self.main:  # created now: a bad token or no network fails before any step
+            repo_id = create_hub_repo(cfg.hub_model_id or cfg.output_dir.name, cfg.hub_token)
         params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("nothing to train: the trainable models have no parameter with requires_grad")
@@ -745,7 +814,8 @@ class _Loop:
         _register_checkpoint_hooks(acc, self.trainable)
 
         if acc.is_main_process:
-            config = {k: _tracker_value(v) for k, v in {**spec.tracker_config, "max_train_steps": max_steps}.items()}
+            config = {**spec.tracker_config, "max_train_steps": max_steps}
+            config = {k: _tracker_value(v) for k, v in config.items() if k != "hub_token"}  # logs get shared
             acc.init_trackers(cfg.tracker_project_name, config=config)
 
         resume = resolve_resume(cfg)
@@ -839,6 +909,8 @@ class _Loop:
                 spec.finish(result)
             self.progress.emit(status, step=step, adapter=str(adapter) if adapter else None)
             logger.info("%s at step %d: %s", status, step, adapter)
+            if status == "done" and repo_id is not None:
+                logger.info("pushed to the Hub: %s", push_run(cfg.output_dir, repo_id, cfg.hub_token))
         return result
 
     def _accumulate(self, batches, group: int, step: int, run_models: dict, wrapped: dict) -> tuple[float, float, dict]:

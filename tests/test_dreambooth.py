@@ -311,6 +311,16 @@ def test_corrupt_photos_missing_model_and_8bit_adam_fail_clearly(tiny_sd, tmp_pa
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "--use_8bit_adam needs bitsandbytes" in proc.stderr
 
+    proc = run_script(base_args(tiny_sd, tmp_path / "o4", push_to_hub=True))  # HF_HUB_OFFLINE=1 here
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--push_to_hub: could not create or open the Hub repo 'o4'" in proc.stderr
+    assert [e["event"] for e in events(tmp_path / "o4")] == ["error"], "refused before the first step"
+
+    if importlib.util.find_spec("xformers") is None:
+        proc = run_script(base_args(tiny_sd, tmp_path / "o5", enable_xformers_memory_efficient_attention=True))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "--enable_xformers_memory_efficient_attention" in proc.stderr and "pip install xformers" in proc.stderr
+
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path):
     """An absurd learning rate makes the vectors overflow within a few steps (no test hook: real divergence)."""

@@ -41,6 +41,7 @@ from hra_diffusion.control import (
 )
 from hra_diffusion.data import ControlDataset, collate_control, load_image
 from hra_diffusion.io import atomic_write
+from hra_diffusion.model_card import common_settings, sample_links, write_model_card
 from hra_diffusion.pipelines import generate
 from hra_diffusion.training import (
     ProgressFile,
@@ -51,11 +52,12 @@ from hra_diffusion.training import (
     add_training_args,
     encode_latents,
     encode_prompts,
+    hra_config_from_args,
     load_base,
     make_accelerator,
     noisy_latents,
     run_cli,
-    target_modules,
+    run_metadata,
     train,
     weight_dtype,
 )
@@ -236,60 +238,39 @@ def make_loss_fn(noise_scheduler, tokenizer):
 # Model card
 
 
-def write_model_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, counts: dict[str, int]) -> None:
-    out = cfg.output_dir
-    samples = "".join(f"![{p.name}]({p.relative_to(out).as_posix()}) " for p in result.samples)
+def write_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, counts: dict[str, int]) -> None:
+    samples = sample_links(result.samples, cfg.output_dir)
     if samples:
-        samples = f'Samples at step {result.step}, prompt "{args.validation_prompt}":\n\n{samples}\n'
+        samples = f'Samples at step {result.step}, prompt "{args.validation_prompt}":\n\n{samples}'
     settings = {
+        **common_settings(args, cfg, result.step),
         "data": args.train_data_dir or args.dataset_name,
         "control type": args.control_type,
-        "steps": result.step,
-        "resolution": args.resolution,
-        "learning rate": cfg.learning_rate,
-        "batch size x accumulation": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}",
         "empty prompts": args.proportion_empty_prompts,
-        "HRA r / targets": f"{args.hra_r} / {args.hra_target_modules}",
         "trainable parameters": f"{counts['hra']:,} HRA + {counts['encoder']:,} condition encoder",
-        "mixed precision": cfg.mixed_precision or "no",
-        "seed": cfg.seed,
     }
-    table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     source = 'Image.open("photo.jpg")'
     condition = source if args.control_type == "none" else f'make_condition({source}, "{args.control_type}")'
-    card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-tags:
-- stable-diffusion
-- diffusers
-- hra
-- controlnet
----
+    write_model_card(
+        cfg.output_dir,
+        base_model=args.pretrained_model_name_or_path,
+        tags=("controlnet",),
+        title=f"HRA control adapter ({args.control_type})",
+        body=f"""A control adapter for `{args.pretrained_model_name_or_path}`: HRA reflections on the UNet plus a small
+hint encoder whose output joins the UNet after `conv_in` (the HRA paper's controllable generation). One file,
+`{CONTROL_FILE}`.
 
-# HRA control adapter ({args.control_type})
-
-A control adapter for `{args.pretrained_model_name_or_path}`: HRA reflections on the UNet plus a small hint encoder
-whose output joins the UNet after `conv_in` (the HRA paper's controllable generation). One file, `{CONTROL_FILE}`.
-
-{samples}
-| setting | value |
-| --- | --- |
-{table}
-
-## Use it
-
-```python
-from PIL import Image
+{samples}""",
+        settings=settings,
+        usage=f"""from PIL import Image
 from hra_diffusion.control import make_condition
 from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
 
 pipe = load_pipeline("{args.pretrained_model_name_or_path}")
 attach_adapters(pipe, ["{CONTROL_FILE}"])
 condition = {condition}
-image = generate(pipe, "a prompt", control_image=condition, steps=50, guidance=9.0, scheduler="ddim")[0]
-```
-"""
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+image = generate(pipe, "a prompt", control_image=condition, steps=50, guidance=9.0, scheduler="ddim")[0]""",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -297,15 +278,7 @@ image = generate(pipe, "a prompt", control_image=condition, steps=50, guidance=9
 
 def run(args: argparse.Namespace, progress: ProgressFile) -> int:
     cfg = TrainConfig.from_args(args, tracker_project_name="control-hra")
-    try:
-        config = HRAConfig(
-            r=args.hra_r,
-            apply_GS=args.hra_apply_GS,
-            lambda_orth=args.hra_lambda,
-            target_modules=target_modules(args.hra_target_modules),
-        )
-    except ValueError as err:
-        raise TrainingError(str(err)) from err
+    config = hra_config_from_args(args)
     validation_sources = [load_image(path) for path in args.validation_image or []]
     accelerator = make_accelerator(cfg)
     cache = Path(args.cache_dir).absolute() if args.cache_dir else cfg.output_dir / "cache"
@@ -370,26 +343,17 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         unet = models["unet"]
         return save_control_adapter(unet, control_encoder(unet), path.with_name(CONTROL_FILE), metadata=meta)
 
-    metadata = {
-        "base_model": args.pretrained_model_name_or_path,
-        "control_type": args.control_type,
-        "canny_thresholds": thresholds if args.control_type == "canny" else None,
-        "dataset": args.train_data_dir or args.dataset_name,
-        "resolution": args.resolution,
-        "proportion_empty_prompts": args.proportion_empty_prompts,
-        "learning_rate": cfg.learning_rate,
-        "lr_scheduler": cfg.lr_scheduler,
-        "train_batch_size": cfg.train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "hra_r": args.hra_r,
-        "hra_apply_GS": args.hra_apply_GS,
-        "hra_lambda": args.hra_lambda,
-        "hra_target_modules": args.hra_target_modules,
-        "prediction_type": noise_scheduler.config.prediction_type,
-        "seed": cfg.seed,
-        "mixed_precision": accelerator.mixed_precision,
-        "trainer": "hra-studio control_hra",
-    }
+    metadata = run_metadata(
+        args,
+        cfg,
+        accelerator,
+        noise_scheduler.config.prediction_type,
+        "control_hra",
+        control_type=args.control_type,
+        canny_thresholds=thresholds if args.control_type == "canny" else None,
+        dataset=args.train_data_dir or args.dataset_name,
+        proportion_empty_prompts=args.proportion_empty_prompts,
+    )
     spec = TrainSpec(
         dataset=dataset,
         collate_fn=collate_control,
@@ -400,7 +364,7 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         metadata=metadata,
         tracker_config={**vars(args), "seed": cfg.seed, "weight_dtype": str(weight_dtype(accelerator))},
         save_adapter=save,
-        finish=lambda result: write_model_card(args, cfg, result, counts),
+        finish=lambda result: write_card(args, cfg, result, counts),
     )
     train(accelerator, cfg, spec, progress)
     return 0

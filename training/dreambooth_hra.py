@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hra_diffusion import HRAConfig, add_hra
+from hra_diffusion import add_hra
 from hra_diffusion.data import DreamBoothDataset, collate_dreambooth, require_images, scan_images
 from hra_diffusion.io import atomic_write
+from hra_diffusion.model_card import common_settings, sample_links, write_model_card
 from hra_diffusion.pipelines import generate
 from hra_diffusion.training import (
     ADAPTER_FILE,
@@ -42,12 +43,13 @@ from hra_diffusion.training import (
     add_training_args,
     encode_latents,
     encode_prompts,
+    hra_config_from_args,
     load_base,
     make_accelerator,
     noisy_latents,
     run_cli,
+    run_metadata,
     stop_agreed,
-    target_modules,
     train,
     weight_dtype,
 )
@@ -205,79 +207,44 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def write_model_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, n_photos: int) -> None:
+def write_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, n_photos: int) -> None:
     out = cfg.output_dir
-    images = ""
+    samples = ""
     if result.samples:
         atomic_write(
             out / GRID_FILE, lambda tmp: image_grid([Image.open(p) for p in result.samples]).save(tmp, format="PNG")
         )
-        images = (
-            f"![samples]({GRID_FILE})\n\n"
-            + "".join(f"![{p.name}]({p.relative_to(out).as_posix()}) " for p in result.samples)
-            + "\n"
-        )
+        samples = f"![samples]({GRID_FILE})\n\n{sample_links(result.samples, out)}"
     prompt = args.validation_prompt or args.instance_prompt
+    if samples:
+        samples = f'Samples at step {result.step}, prompt "{prompt}", seed {cfg.seed}:\n\n{samples}'
+    prior = f'{args.num_class_images} images of "{args.class_prompt}", weight {args.prior_loss_weight}'
     settings = {
-        "steps": result.step,
-        "resolution": args.resolution,
-        "learning rate": cfg.learning_rate,
-        "lr scheduler": cfg.lr_scheduler,
-        "batch size x accumulation": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}",
-        "HRA r": args.hra_r,
-        "strictly orthogonal (GS)": args.hra_apply_GS,
-        "orthogonality lambda": args.hra_lambda,
-        "target modules": args.hra_target_modules,
+        **common_settings(args, cfg, result.step),
         "text encoder trained": args.train_text_encoder,
-        "prior preservation": (
-            f'{args.num_class_images} images of "{args.class_prompt}", weight {args.prior_loss_weight}'
-            if args.with_prior_preservation
-            else "off"
-        ),
-        "mixed precision": cfg.mixed_precision or "no",
-        "seed": cfg.seed,
+        "prior preservation": prior if args.with_prior_preservation else "off",
     }
-    table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
-    card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-instance_prompt: {args.instance_prompt}
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- hra
-- dreambooth
----
+    write_model_card(
+        out,
+        base_model=args.pretrained_model_name_or_path,
+        front_matter={"instance_prompt": args.instance_prompt},
+        tags=("text-to-image", "dreambooth"),
+        title=f'HRA DreamBooth: "{args.instance_prompt}"',
+        body=f"""HRA (Householder reflection adaptation) weights for `{args.pretrained_model_name_or_path}`, trained
+with DreamBooth on {n_photos} photos. The file `{ADAPTER_FILE}` holds r={args.hra_r} reflection vectors per adapted
+layer; the base model's weights are untouched.
 
-# HRA DreamBooth: "{args.instance_prompt}"
-
-HRA (Householder reflection adaptation) weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth
-on {n_photos} photos. The file `{ADAPTER_FILE}` holds r={args.hra_r} reflection vectors per adapted layer; the base
-model's weights are untouched.
-
-Samples at step {result.step}, prompt "{prompt}", seed {cfg.seed}:
-
-{images}
-## Settings
-
-| setting | value |
-| --- | --- |
-{table}
-
-## Use it
-
-```python
-from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
+{samples}""",
+        settings=settings,
+        usage=f"""from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
 
 pipe = load_pipeline("{args.pretrained_model_name_or_path}")
 attach_adapters(pipe, ["{ADAPTER_FILE}"])
-image = generate(pipe, "{prompt}", seed=0)[0]
-```
-
-`attach_adapters(pipe, [path], strengths=[0.5])` applies it at half strength (an exact orthogonal interpolation).
-This is not a LoRA file: diffusers' `load_lora_weights` cannot read it.
-"""
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+image = generate(pipe, "{prompt}", seed=0)[0]""",
+        notes="""`attach_adapters(pipe, [path], strengths=[0.5])` applies it at half strength (an exact orthogonal
+interpolation). This is not a LoRA file: diffusers' `load_lora_weights` cannot read it; `python -m
+hra_diffusion.convert` exports one that it can.""",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -285,16 +252,8 @@ This is not a LoRA file: diffusers' `load_lora_weights` cannot read it.
 
 def run(args: argparse.Namespace, progress: ProgressFile) -> int:
     cfg = TrainConfig.from_args(args, tracker_project_name="dreambooth-hra")
-    try:
-        targets = target_modules(args.hra_target_modules)
-        unet_config = HRAConfig(
-            r=args.hra_r, apply_GS=args.hra_apply_GS, lambda_orth=args.hra_lambda, target_modules=targets
-        )
-        text_config = HRAConfig(
-            r=args.hra_r, apply_GS=args.hra_apply_GS, lambda_orth=args.hra_lambda, target_modules=TEXT_ENCODER_TARGETS
-        )
-    except ValueError as err:
-        raise TrainingError(str(err)) from err
+    unet_config = hra_config_from_args(args)
+    text_config = hra_config_from_args(args, TEXT_ENCODER_TARGETS)
     photos = require_images(args.instance_data_dir)  # fail on unusable photos before loading gigabytes of model
     accelerator = make_accelerator(cfg)
 
@@ -338,26 +297,17 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
             scheduler="dpm",
         )
 
-    metadata = {
-        "base_model": args.pretrained_model_name_or_path,
-        "instance_prompt": args.instance_prompt,
-        "class_prompt": args.class_prompt if args.with_prior_preservation else None,
-        "resolution": args.resolution,
-        "learning_rate": cfg.learning_rate,
-        "lr_scheduler": cfg.lr_scheduler,
-        "train_batch_size": cfg.train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "hra_r": args.hra_r,
-        "hra_apply_GS": args.hra_apply_GS,
-        "hra_lambda": args.hra_lambda,
-        "hra_target_modules": args.hra_target_modules,
-        "train_text_encoder": args.train_text_encoder,
-        "prior_loss_weight": args.prior_loss_weight if args.with_prior_preservation else None,
-        "prediction_type": noise_scheduler.config.prediction_type,
-        "seed": cfg.seed,
-        "mixed_precision": accelerator.mixed_precision,
-        "trainer": "hra-studio dreambooth_hra",
-    }
+    metadata = run_metadata(
+        args,
+        cfg,
+        accelerator,
+        noise_scheduler.config.prediction_type,
+        "dreambooth_hra",
+        instance_prompt=args.instance_prompt,
+        class_prompt=args.class_prompt if args.with_prior_preservation else None,
+        prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else None,
+        train_text_encoder=args.train_text_encoder,
+    )
     spec = TrainSpec(
         dataset=dataset,
         collate_fn=lambda examples: collate_dreambooth(examples, args.with_prior_preservation),
@@ -367,7 +317,7 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         validate=validate if args.num_validation_images > 0 else None,
         metadata=metadata,
         tracker_config={**vars(args), "seed": cfg.seed, "weight_dtype": str(weight_dtype(accelerator))},
-        finish=lambda result: write_model_card(args, cfg, result, len(photos)),
+        finish=lambda result: write_card(args, cfg, result, len(photos)),
     )
     train(accelerator, cfg, spec, progress)
     return 0
