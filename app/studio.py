@@ -20,8 +20,8 @@ from PIL import Image
 
 from hra_diffusion import HRAConfig
 from hra_diffusion.control import CONTROL_KIND, make_condition
-from hra_diffusion.data import ImageError, load_image
 from hra_diffusion.export import export_lora, export_merged, export_peft
+from hra_diffusion.images import ImageError, load_image
 from hra_diffusion.io import read_hra_metadata
 from hra_diffusion.pipelines import attach_adapters, load_pipeline, unload_adapter
 from hra_diffusion.pipelines import generate as sample

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from .data import _to_tensor
+from .images import to_tensor
 from .io import AdapterFileError, load_hra, read_extra_tensors, read_hra_metadata, save_hra
 
 PAPER_CHANNELS = (16, 32, 96, 256)
@@ -219,7 +219,7 @@ def condition_tensor(images: Image.Image | Sequence[Image.Image], size: tuple[in
     """PIL condition map(s) -> (B, 3, height, width) in [0, 1], resized to ``size`` = (width, height) as in training."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     resized = [img.convert("RGB").resize(size, Image.Resampling.LANCZOS) for img in images]
-    return torch.stack([_to_tensor(img) for img in resized])
+    return torch.stack([to_tensor(img) for img in resized])
 
 
 def save_control_adapter(

@@ -1,208 +1,25 @@
-"""Image loading, validation and the training datasets.
-
-Users upload whatever their phone or image editor produced (EXIF-rotated JPEGs, RGBA PNGs, CMYK, 16-bit scans,
-half-copied files), so every image goes through :func:`load_image`, which either returns a clean upright RGB image or
-raises an :class:`ImageError` that names the file and says what to do. Datasets validate their folders when they are
-built so a bad file fails the run at start-up, not hours into training.
+"""The training datasets: DreamBooth photo folders and ControlNet-style image/condition/caption sets.
 
 Random augmentation is drawn from a local ``random.Random`` seeded by ``(seed, epoch, index)``: the same sample looks
 the same whatever the number of DataLoader workers, processes or calls to the global RNG, which makes runs and resumes
-reproducible.
+reproducible. Images are loaded and checked by :mod:`hra_diffusion.images`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-DEFAULT_MAX_PIXELS = 64_000_000
-SIDECAR_SUFFIXES = frozenset({".txt", ".caption", ".json", ".jsonl"})
-# Files that OS file managers drop into photo folders; never images, never worth a warning.
-_JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+from .images import DEFAULT_MAX_PIXELS, load_image, read_caption, require_images, to_tensor
+
 _RESAMPLE = Image.Resampling.LANCZOS
-
-
-class ImageError(ValueError):
-    """A training file that cannot be used; ``str()`` names the file and says what to do about it."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` into an upright 8-bit RGB image, or raise :class:`ImageError` saying why not.
-
-    The pixel count is checked from the header before decoding so a decompression bomb never allocates; the image
-    is fully decoded here so truncated files fail now rather than inside a DataLoader worker.
-    """
-    return _decode(Path(path), max_pixels=max_pixels, draft=None)
-
-
-def _decode(path: Path, *, max_pixels: int, draft: tuple[int, int] | None) -> Image.Image:
-    """Shared body of :func:`load_image`; ``draft`` lets JPEG decode at reduced scale when only validating."""
-    if not path.exists():
-        raise ImageError(path, "no such file; check the path or upload the image again")
-    if path.is_dir():
-        raise ImageError(path, "is a directory, not an image file; pass the image files inside it")
-    if path.stat().st_size == 0:
-        raise ImageError(path, "file is empty (0 bytes); upload it again or remove it")
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    path,
-                    f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
-                    "downscale it (or raise max_pixels if you trust the file)",
-                )
-            if draft is not None:
-                img.draft(None, draft)
-            img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(path, f"refused by Pillow as a possible decompression bomb ({exc}); downscale it") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(
-            path,
-            "not an image Pillow can read (unknown format or not an image at all); convert it to JPEG/PNG/WebP "
-            "or remove it",
-        ) from exc
-    except PermissionError as exc:
-        raise ImageError(path, "cannot read the file (permission denied); fix its permissions") from exc
-    except MemoryError:
-        raise
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error, ... for corrupt data.
-        raise ImageError(
-            path,
-            f"could not decode the image ({type(exc).__name__}: {exc}); the file is probably truncated or "
-            "corrupt; export it again or remove it",
-        ) from exc
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB: transparency onto white, high bit depths rescaled rather than clipped."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        return Image.fromarray(_high_depth_to_uint8(img)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return img.convert("RGB")
-
-
-def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
-    """Map a 16-bit/32-bit/float single-channel image to uint8.
-
-    Integer modes are read as 16-bit data (how Pillow presents 16-bit PNG and TIFF), so 65535 -> 255 and
-    32768 -> 128. Float images in [0, 1] are scaled by 255; any other float range is taken as 0..255.
-    """
-    arr = np.asarray(img)
-    if img.mode == "F":
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-            arr = arr * 255.0
-        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    arr = np.clip(arr.astype(np.int64), 0, 65535)
-    return ((arr * 255 + 32767) // 65535).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Folders and captions
-
-
-def _candidate_files(folder: Path) -> list[Path]:
-    """Files in ``folder`` that should be images: no subfolders, hidden files, caption/metadata sidecars or OS junk."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.suffix.lower() not in SIDECAR_SUFFIXES
-        and p.name.lower() not in _JUNK_NAMES
-    )
-
-
-def scan_images(
-    folder: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Return ``(usable images, [(bad file, reason), ...])`` for the top level of ``folder``, both sorted.
-
-    Every candidate is really decoded (JPEGs at reduced scale, which still reads the whole file), because a
-    header-only check misses the truncated uploads that are the most common failure.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageError(folder, "folder does not exist (or is not a folder); create it and add JPEG/PNG/WebP photos")
-    good: list[Path] = []
-    bad: list[tuple[Path, str]] = []
-    for path in _candidate_files(folder):
-        try:
-            _decode(path, max_pixels=max_pixels, draft=(256, 256))
-        except ImageError as exc:
-            bad.append((path, exc.reason))
-        else:
-            good.append(path)
-    return good, bad
-
-
-def require_images(folder: str | Path, what: str = "instance", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Path]:
-    """Return the usable images of ``folder``; raise :class:`ImageError` listing every bad file if there are none.
-
-    Bad files next to good ones are skipped with a warning, so one broken upload does not block a run.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageError(folder, f"the {what} image folder does not exist; create it and add JPEG/PNG/WebP photos")
-    good, bad = scan_images(folder, max_pixels=max_pixels)
-    listing = "\n".join(f"  - {path.name}: {reason}" for path, reason in bad)
-    if not good:
-        if not bad:
-            raise ImageError(
-                folder,
-                f"the {what} image folder contains no image files (subfolders and .txt/.caption/.json "
-                "sidecars are ignored); add JPEG/PNG/WebP photos",
-            )
-        raise ImageError(folder, f"no usable {what} images; every file was rejected:\n{listing}")
-    if bad:
-        warnings.warn(f"{folder}: skipping {len(bad)} unusable {what} image(s):\n{listing}", stacklevel=2)
-    return good
-
-
-def read_caption(image_path: str | Path) -> str | None:
-    """Caption from a same-basename ``.txt`` or ``.caption`` sidecar (kohya convention), or None.
-
-    ``.txt`` wins when both exist. Line breaks are folded into spaces; an empty sidecar counts as no caption so an
-    accidentally blank file does not train on the empty prompt.
-    """
-    image_path = Path(image_path)
-    for suffix in (".txt", ".caption"):
-        sidecar = image_path.with_suffix(suffix)
-        if sidecar.is_file():
-            try:
-                text = sidecar.read_text(encoding="utf-8-sig")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{sidecar}: caption is not valid UTF-8 ({exc}); save it as UTF-8") from exc
-            text = " ".join(text.split())
-            return text or None
-    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -240,33 +57,43 @@ def _apply(img: Image.Image, geo: _Geometry) -> Image.Image:
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if geo.flip else img
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 HxWx3 image -> float32 3xHxW tensor in [0, 1]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-
-
 def _sample_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
     # String seeds are hashed with SHA-512 by random.Random, so this is stable across processes and PYTHONHASHSEED.
     return random.Random(f"{seed}:{epoch}:{index}:{stream}")
 
 
-def _check_resolution(resolution: int) -> None:
-    if not isinstance(resolution, int) or resolution <= 0:
-        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+class _AugmentedDataset(Dataset):
+    """What both datasets share: square crops of ``resolution``, optional flips, and the per-epoch seeded draw."""
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, seed: int, max_pixels: int) -> None:
+        if not isinstance(resolution, int) or resolution <= 0:
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        self.max_pixels = max_pixels
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw for ``epoch`` (DataLoader workers see it only if re-created each epoch)."""
+        self.epoch = epoch
+
+    def _plan(self, size: tuple[int, int], rng: random.Random) -> _Geometry:
+        return _plan(size, self.resolution, self.center_crop, self.random_flip, rng)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # DreamBooth
 
 
-class DreamBoothDataset(Dataset):
+class DreamBoothDataset(_AugmentedDataset):
     """Instance (and optional prior-preservation class) images, as in diffusers' ``train_dreambooth_lora.py``.
 
     Items: ``instance_images`` (3xRxR float in [-1, 1]) and ``instance_prompt`` (the image's sidecar caption when
     ``use_captions`` and one exists, else ``instance_prompt``); with ``class_dir`` also ``class_images`` and
     ``class_prompt``. The length is max(instances, class images) and indices wrap, like diffusers. Call
-    :meth:`set_epoch` before each epoch to get fresh crops/flips; DataLoader workers only see it if they are
-    re-created each epoch (``persistent_workers=False``).
+    :meth:`set_epoch` before each epoch to get fresh crops/flips.
     """
 
     def __init__(
@@ -283,15 +110,9 @@ class DreamBoothDataset(Dataset):
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        _check_resolution(resolution)
+        super().__init__(resolution, center_crop, random_flip, seed, max_pixels)
         if class_dir is not None and class_prompt is None:
             raise ValueError("class_prompt is required when class_dir is given (prior preservation)")
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.seed = seed
-        self.epoch = 0
-        self.max_pixels = max_pixels
         self.instance_prompt = instance_prompt
         self.instance_paths = require_images(instance_dir, "instance", max_pixels=max_pixels)
         self.instance_prompts = [
@@ -300,17 +121,13 @@ class DreamBoothDataset(Dataset):
         self.class_prompt = class_prompt
         self.class_paths = require_images(class_dir, "class", max_pixels=max_pixels) if class_dir is not None else []
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation draw for ``epoch``."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return max(len(self.instance_paths), len(self.class_paths))
 
     def _transform(self, path: Path, rng: random.Random) -> torch.Tensor:
         img = load_image(path, max_pixels=self.max_pixels)
-        img = _apply(img, _plan(img.size, self.resolution, self.center_crop, self.random_flip, rng))
-        return _to_tensor(img) * 2.0 - 1.0
+        img = _apply(img, self._plan(img.size, rng))
+        return to_tensor(img) * 2.0 - 1.0
 
     def __getitem__(self, index: int) -> dict:
         rng = _sample_rng(self.seed, self.epoch, index, "dreambooth")
@@ -367,7 +184,7 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-class ControlDataset(Dataset):
+class ControlDataset(_AugmentedDataset):
     """Image / conditioning image / caption triples from an imagefolder with ``metadata.jsonl``.
 
     Items: ``pixel_values`` (3xRxR in [-1, 1]), ``conditioning_pixel_values`` (3xRxR in [0, 1], same resize, crop and
@@ -394,19 +211,13 @@ class ControlDataset(Dataset):
         conditioning_transform: Callable[[Image.Image], Image.Image] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        _check_resolution(resolution)
+        super().__init__(resolution, center_crop, random_flip, seed, max_pixels)
         if not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
         self.data_dir = Path(data_dir)
         if not self.data_dir.is_dir():
             raise ValueError(f"{self.data_dir}: control dataset folder does not exist")
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
         self.proportion_empty_prompts = proportion_empty_prompts
-        self.seed = seed
-        self.epoch = 0
-        self.max_pixels = max_pixels
         self.conditioning_transform = conditioning_transform
 
         metadata = self.data_dir / "metadata.jsonl"
@@ -459,10 +270,6 @@ class ControlDataset(Dataset):
                 f"(paths are relative to {self.data_dir}):\n{shown}"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation and empty-prompt draw for ``epoch``."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.images)
 
@@ -471,7 +278,7 @@ class ControlDataset(Dataset):
         # A separate stream, so changing proportion_empty_prompts does not change the crops.
         prompt_rng = _sample_rng(self.seed, self.epoch, index, "control-prompt")
         image = load_image(self.images[index], max_pixels=self.max_pixels)
-        geo = _plan(image.size, self.resolution, self.center_crop, self.random_flip, rng)
+        geo = self._plan(image.size, rng)
         target = _apply(image, geo)
         if self.conditions is not None:
             condition = load_image(self.conditions[index], max_pixels=self.max_pixels)
@@ -488,8 +295,8 @@ class ControlDataset(Dataset):
         if prompt_rng.random() < self.proportion_empty_prompts:
             caption = ""
         return {
-            "pixel_values": _to_tensor(target) * 2.0 - 1.0,
-            "conditioning_pixel_values": _to_tensor(condition),
+            "pixel_values": to_tensor(target) * 2.0 - 1.0,
+            "conditioning_pixel_values": to_tensor(condition),
             "prompt": caption,
         }
 

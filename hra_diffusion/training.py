@@ -50,8 +50,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .config import HRAConfig
-from .data import ImageError
 from .hub import HubError, create_hub_repo, push_run
+from .images import ImageError
 from .io import AdapterFileError, AdapterMismatchError, atomic_write, save_hra
 from .model import hra_layers, orthogonality_loss
 from .pipelines import ModelNotFoundError, load_pipeline

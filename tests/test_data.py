@@ -15,17 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from hra_diffusion.data import (
-    ControlDataset,
-    DreamBoothDataset,
-    ImageError,
-    collate_control,
-    collate_dreambooth,
-    load_image,
-    read_caption,
-    require_images,
-    scan_images,
-)
+from hra_diffusion.data import ControlDataset, DreamBoothDataset, collate_control, collate_dreambooth
+from hra_diffusion.images import ImageError, load_image, read_caption, require_images, scan_images
 from hra_diffusion.synthetic import main as synthetic_main
 from hra_diffusion.synthetic import make_shapes_dataset
 

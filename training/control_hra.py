@@ -39,7 +39,8 @@ from hra_diffusion.control import (
     make_condition,
     save_control_adapter,
 )
-from hra_diffusion.data import ControlDataset, collate_control, load_image
+from hra_diffusion.data import ControlDataset, collate_control
+from hra_diffusion.images import load_image
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
 from hra_diffusion.pipelines import generate

@@ -27,7 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hra_diffusion import add_hra
-from hra_diffusion.data import DreamBoothDataset, collate_dreambooth, require_images, scan_images
+from hra_diffusion.data import DreamBoothDataset, collate_dreambooth
+from hra_diffusion.images import require_images, scan_images
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
 from hra_diffusion.pipelines import generate
