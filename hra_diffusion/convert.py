@@ -13,33 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
-from torch import nn
-
 from .export import export_lora, export_merged, export_peft
 from .io import AdapterFileError, AdapterMismatchError, load_hra
 from .model import hra_adapters, set_active_adapters
+from .pipelines import load_pipeline, pipeline_components
 
 TARGETS = ("peft", "lora-diffusers", "lora-kohya", "merged")
-
-
-def _load_base(base_model: str) -> StableDiffusionPipeline:
-    """StableDiffusionPipeline from a folder or a hub id (the download users have; offline this fails clearly)."""
-    try:
-        return StableDiffusionPipeline.from_pretrained(base_model)
-    except Exception as err:  # diffusers / huggingface_hub raise many types for missing files, offline, auth
-        hint = (
-            ""
-            if Path(base_model).exists()
-            else (
-                " It is not a local folder, so it was looked up as a hub model id; offline (HF_HUB_OFFLINE=1 or no "
-                "network) pass the path of a downloaded pipeline folder instead."
-            )
-        )
-        raise OSError(
-            f"could not load the base model {base_model!r} as a StableDiffusionPipeline "
-            f"({type(err).__name__}: {err}).{hint}"
-        ) from err
 
 
 def convert(
@@ -53,14 +32,14 @@ def convert(
     """Load ``source`` onto the base pipeline and write it as ``to``; returns what was written."""
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
-    pipe = _load_base(base_model)
-    components: dict[str, nn.Module] = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    pipe = load_pipeline(base_model, device="cpu")  # SD 1.x/2.x or SDXL; clear errors for missing models
+    components = pipeline_components(pipe)
     load_hra(components, source, adapter_name)
     adapted = {comp: model for comp, model in components.items() if hra_adapters(model)}
     (name,) = {n for model in adapted.values() for n in hra_adapters(model)}
     for model in adapted.values():
         set_active_adapters(model, [name], [strength])
-    if to == "peft":  # one peft folder per model: OUT itself, or OUT/<component> when the text encoder has a part
+    if to == "peft":  # one peft folder per model: OUT itself, or OUT/<component> when text encoders have parts
         if len(adapted) == 1:
             return [export_peft(next(iter(adapted.values())), out, name, base_model=base_model)]
         return [export_peft(model, Path(out) / comp, name, base_model=base_model) for comp, model in adapted.items()]

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 LORA_FORMATS = ("diffusers", "kohya")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights looks for in a folder
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+KOHYA_SDXL_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1"}  # SDXL's first encoder, as kohya/ComfyUI name it
 LORA_NOTE = (
     "Exact LoRA form of an HRA (Householder reflection) adapter: W H = W + lora_up @ lora_down, alpha = rank. "
     "lora_up = -(W V S) contains the base weights W, so this file is valid only on the base model whose weight "
@@ -192,7 +193,8 @@ def export_lora(
 
     format "diffusers": "unet.<path>.lora_A.weight" / ".lora_B.weight" (alpha = rank is diffusers' default when no
     alpha is stored), what ``pipe.load_lora_weights`` reads natively. format "kohya":
-    "lora_unet_<path with _>.lora_down.weight" / ".lora_up.weight" / ".alpha" ("lora_te_" for the text encoder),
+    "lora_unet_<path with _>.lora_down.weight" / ".lora_up.weight" / ".alpha" ("lora_te_" for the text encoder;
+    "lora_te1_"/"lora_te2_" for SDXL's two),
     what ComfyUI and A1111 read and diffusers converts. ``path`` ending in .safetensors is the file; otherwise it is
     a folder and the file is named pytorch_lora_weights.safetensors.
     """
@@ -200,10 +202,12 @@ def export_lora(
         raise ValueError(f"format must be one of {LORA_FORMATS}, got {format!r}")
     tensors: dict[str, Tensor] = {}
     info: dict[str, Any] = {}
-    for comp, model in _components(model_or_components).items():
+    components = _components(model_or_components)
+    prefixes = KOHYA_SDXL_PREFIXES if _is_sdxl(components) else KOHYA_PREFIXES
+    for comp, model in components.items():
         if adapter_name not in hra_adapters(model):
             continue
-        if format == "kohya" and comp not in KOHYA_PREFIXES:
+        if format == "kohya" and comp not in prefixes:
             raise ValueError(f"kohya keys exist for {sorted(KOHYA_PREFIXES)}, not for a component named {comp!r}")
         for path_in_model, (down, up) in lora_pairs(model, adapter_name).items():
             module_path = _lora_path(model, path_in_model)
@@ -211,7 +215,7 @@ def export_lora(
                 tensors[f"{comp}.{module_path}.lora_A.weight"] = down
                 tensors[f"{comp}.{module_path}.lora_B.weight"] = up
             else:
-                name = f"{KOHYA_PREFIXES[comp]}_{module_path.replace('.', '_')}"
+                name = f"{prefixes[comp]}_{module_path.replace('.', '_')}"
                 tensors[f"{name}.lora_down.weight"] = down
                 tensors[f"{name}.lora_up.weight"] = up
                 tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
@@ -229,6 +233,12 @@ def export_lora(
         "hra_note": LORA_NOTE,
     }
     return atomic_write(_lora_file(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _is_sdxl(components: Mapping[str, nn.Module]) -> bool:
+    """Two text encoders, or a UNet with SDXL's size conditioning ("text_time" added embedding)."""
+    unet_config = getattr(components.get("unet"), "config", None)
+    return "text_encoder_2" in components or getattr(unet_config, "addition_embed_type", None) == "text_time"
 
 
 def _merged_copy(model: nn.Module, adapter_name: str | None) -> nn.Module:

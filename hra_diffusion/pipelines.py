@@ -1,7 +1,9 @@
-"""Load a base Stable Diffusion pipeline, attach HRA adapters, generate: used by validation, eval and the app."""
+"""Load a base Stable Diffusion (1.x/2.x, SDXL) pipeline, attach HRA adapters, generate: for validation, eval and
+the app."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -32,8 +34,11 @@ SCHEDULERS = {
 }
 
 
+ADAPTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what an adapter file can hold parts for
+
+
 class ModelNotFoundError(OSError):
-    """A base model that is neither a local diffusers folder nor downloadable from here."""
+    """A base model that is neither a local diffusers folder nor downloadable from here, or not a supported kind."""
 
 
 def default_device() -> str:
@@ -50,30 +55,26 @@ def load_pipeline(
     pipeline_class: type | None = None,
     **components,
 ):
-    """StableDiffusionPipeline (SD 1.x/2.x) from a hub id or a local folder, safety checker off.
+    """The text-to-image pipeline of a hub id or a local folder: SD 1.x/2.x or SDXL, read from its model_index.json.
 
-    The safety checker is off because it silently turns images black, which corrupts evaluation and previews;
+    The SD safety checker is off because it silently turns images black, which corrupts evaluation and previews;
     turn it back on by passing ``safety_checker=...``. Extra keyword arguments replace pipeline components
     (``controlnet=...`` with ``pipeline_class=StableDiffusionControlNetPipeline``).
     """
-    from diffusers import StableDiffusionPipeline
-
-    cls = pipeline_class or StableDiffusionPipeline
-    components.setdefault("safety_checker", None)
-    components.setdefault("requires_safety_checker", False)
     local = Path(base_model).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise ModelNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json inside)")
+    source = str(local) if local.exists() else str(base_model)
     try:
+        cls = pipeline_class or _pipeline_class(source, revision)
+        if "safety_checker" in inspect.signature(cls.__init__).parameters:
+            components.setdefault("safety_checker", None)
+            components.setdefault("requires_safety_checker", False)
         pipe = cls.from_pretrained(
-            str(local) if local.exists() else str(base_model),
-            torch_dtype=dtype or torch.float32,
-            revision=revision,
-            variant=variant,
-            **components,
+            source, torch_dtype=dtype or torch.float32, revision=revision, variant=variant, **components
         )
     except (OSError, ValueError) as err:
-        if local.exists():
+        if local.exists() or isinstance(err, ModelNotFoundError):
             raise
         raise ModelNotFoundError(
             f"could not load base model {str(base_model)!r}: it is not a local folder and could not be downloaded "
@@ -82,6 +83,26 @@ def load_pipeline(
         ) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
+
+
+def _pipeline_class(source: str, revision: str | None) -> type:
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, by the ``_class_name`` in model_index.json."""
+    import diffusers
+
+    name = diffusers.DiffusionPipeline.load_config(source, revision=revision).get("_class_name", "")
+    if name.startswith("StableDiffusionXL"):
+        return diffusers.StableDiffusionXLPipeline
+    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
+        return diffusers.StableDiffusionPipeline
+    raise ModelNotFoundError(
+        f"{source} is a {name or 'pipeline of unknown kind'}; HRA Studio works with UNet pipelines: Stable Diffusion "
+        "1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+    )
+
+
+def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's models that adapters go on: unet, text_encoder and, for SDXL, text_encoder_2."""
+    return {name: getattr(pipe, name) for name in ADAPTED_COMPONENTS if getattr(pipe, name, None) is not None}
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -99,8 +120,8 @@ def attach_adapters(
     strengths: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
 ) -> list[str]:
-    """Make exactly these adapter files active on the pipeline's UNet (and text encoder, where a file has a part
-    for it), in the given order (W H_1 H_2 ...), each at its strength in [0, 1].
+    """Make exactly these adapter files active on the pipeline's UNet (and text encoders, where a file has parts
+    for them), in the given order (W H_1 H_2 ...), each at its strength in [0, 1].
 
     A file already loaded under the same name is reused and adapters left out are only deactivated, so calling this
     per request is cheap. At most one control adapter: its hint encoder is attached (pass ``control_image=`` to
@@ -117,7 +138,7 @@ def attach_adapters(
     attached = control_encoder(pipe.unet)
     if attached is not None and attached.adapter_name is not None and attached.adapter_name not in controls:
         unload_adapter(pipe, attached.adapter_name)
-    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    components = pipeline_components(pipe)
     for path, name in zip(paths, names):
         if name in hra_adapters(pipe.unet):
             continue
@@ -139,7 +160,7 @@ def unload_adapter(pipe, name: str) -> None:
     encoder = control_encoder(pipe.unet)
     if encoder is not None and encoder.adapter_name == name:
         detach_control(pipe.unet)
-    for model in (pipe.unet, pipe.text_encoder):
+    for model in pipeline_components(pipe).values():
         if name in hra_adapters(model):
             remove_hra(model, name)
 

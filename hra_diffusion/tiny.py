@@ -1,10 +1,11 @@
-"""Offline tiny Stable Diffusion: the SD1.5 layout at toy size, built from configs with random weights.
+"""Offline tiny Stable Diffusion: the SD1.5 (or SDXL) layout at toy size, built from configs with random weights.
 
 No model hub is reachable from the dev, CI and GPU machines, yet tests, benchmarks, the demo app and outside checks
 need a real `StableDiffusionPipeline` folder to load by path. This module writes one (~1M-parameter UNet with real
 attention and GEGLU layers, a small VAE and CLIP text encoder, DDIM with SD1.5 settings, optionally a ControlNet)
-together with the real OpenAI CLIP BPE tokenizer rebuilt from the vocabulary file open_clip ships. Same seed, same
-bits.
+together with the real OpenAI CLIP BPE tokenizer rebuilt from the vocabulary file open_clip ships. ``--sdxl`` writes
+a `StableDiffusionXLPipeline` instead: two text encoders (the second with a projection, its pooled output feeding
+the UNet's "text_time" embedding with the size conditioning), Euler with SDXL settings. Same seed, same bits.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 MARKER = "tiny_sd.json"  # written last into every folder this module builds
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -44,6 +47,23 @@ SD15_UNET_CONFIG = dict(
     attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+# The real SDXL base UNet architecture (2.6B parameters), for the same purpose.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 )
 
 
@@ -105,11 +125,39 @@ def _scheduler(prediction_type: str) -> DDIMScheduler:
     )
 
 
-def _build_into(folder: Path, *, controlnet: bool, prediction_type: str, seed: int) -> None:
-    """Build every component with fixed seeds and save the pipeline (and controlnet) into `folder`."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    tokenizer = clip_tokenizer()
+def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _text_encoder(tokenizer: CLIPTokenizer, seed: int, projection_dim: int | None = None) -> CLIPTextModel:
+    """A 5-layer CLIP text encoder; with ``projection_dim`` SDXL's second one (pooled, projected output)."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        hidden_size=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **({"projection_dim": projection_dim} if projection_dim else {}),
+    )
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+
+
+def _build_sd(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -123,33 +171,9 @@ def _build_into(folder: Path, *, controlnet: bool, prediction_type: str, seed: i
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        sample_size=64,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            num_hidden_layers=5,
-            num_attention_heads=4,
-            intermediate_size=37,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+    return StableDiffusionPipeline(
+        vae=_vae(seed, 0.18215),
+        text_encoder=_text_encoder(tokenizer, seed),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=_scheduler(prediction_type),
@@ -157,14 +181,67 @@ def _build_into(folder: Path, *, controlnet: bool, prediction_type: str, seed: i
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _build_sdxl(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> StableDiffusionXLPipeline:
+    """SDXL's layout: cross-attention over both encoders' states (32 + 32), and the pooled 32 + 6 size numbers x 8
+    as the added embedding, as in the full model (1280 + 6 x 256)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(seed, 0.13025),
+        text_encoder=_text_encoder(tokenizer, seed),
+        text_encoder_2=_text_encoder(tokenizer, seed + 1, projection_dim=32),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def _build_into(folder: Path, *, controlnet: bool, prediction_type: str, seed: int, sdxl: bool = False) -> None:
+    """Build every component with fixed seeds and save the pipeline (and controlnet) into `folder`."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if sdxl and controlnet:
+        raise ValueError("the tiny SDXL pipeline has no ControlNet; build it without --controlnet")
+    pipe = (_build_sdxl if sdxl else _build_sd)(clip_tokenizer(), prediction_type, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
-    params = {name: _n_params(m) for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    params = {name: _n_params(getattr(pipe, name)) for name in names if getattr(pipe, name, None) is not None}
     if controlnet:
         torch.manual_seed(seed)
-        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        cn = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
         cn.save_pretrained(folder / "controlnet", safe_serialization=True)
         params["controlnet"] = _n_params(cn)
     info = {"builder": __name__, "controlnet": controlnet, "prediction_type": prediction_type, "seed": seed}
+    if sdxl:
+        info["sdxl"] = True
     (folder / MARKER).write_text(json.dumps({**info, "params": params}, indent=2) + "\n")
 
 
@@ -195,9 +272,15 @@ def _publish(tmp: Path, target: Path) -> bool:
 
 
 def build_tiny_pipeline(
-    out_dir: str | os.PathLike, *, controlnet: bool = False, prediction_type: str = "epsilon", seed: int = 0
+    out_dir: str | os.PathLike,
+    *,
+    controlnet: bool = False,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    sdxl: bool = False,
 ) -> Path:
-    """Write a tiny StableDiffusionPipeline folder to `out_dir` (plus `out_dir/controlnet` if asked); return it.
+    """Write a tiny StableDiffusionPipeline (``sdxl``: StableDiffusionXLPipeline) folder to `out_dir` (plus
+    `out_dir/controlnet` if asked); return it.
 
     The folder is built beside `out_dir` and renamed into place. An existing tiny pipeline there is replaced;
     any other non-empty folder (or a file) is refused.
@@ -210,7 +293,7 @@ def build_tiny_pipeline(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _build_into(tmp, controlnet=controlnet, prediction_type=prediction_type, seed=seed)
+        _build_into(tmp, controlnet=controlnet, prediction_type=prediction_type, seed=seed, sdxl=sdxl)
         if not _publish(tmp, out_dir):  # an old tiny pipeline is there: swap it out
             if not is_tiny_pipeline(out_dir):
                 raise FileExistsError(f"{out_dir} was filled by someone else while building; not touching it")
@@ -245,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controlnet", action="store_true", help="also write OUT_DIR/controlnet")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdxl", action="store_true", help="an SDXL pipeline (two text encoders, size conditioning)")
     args = parser.parse_args(argv)
     path = build_tiny_pipeline(
-        args.out_dir, controlnet=args.controlnet, prediction_type=args.prediction_type, seed=args.seed
+        args.out_dir, controlnet=args.controlnet, prediction_type=args.prediction_type, seed=args.seed, sdxl=args.sdxl
     )
     print(path)
     for name, n in json.loads((path / MARKER).read_text())["params"].items():

@@ -37,3 +37,11 @@ def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hra_diffusion.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_v") / "sd", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline folder (two text encoders, size conditioning)."""
+    from hra_diffusion.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_xl") / "sdxl", sdxl=True)

@@ -1,0 +1,80 @@
+"""SDXL: HRA on the UNet and both text encoders, through the same file, pipeline and export paths as SD 1.x."""
+
+import json
+
+import pytest
+import torch
+from adapter_helpers import TE_TARGETS, UNET_TARGETS, adapted, assert_rel
+from diffusers import StableDiffusionXLPipeline
+from safetensors import safe_open
+
+from hra_diffusion import HRAConfig, add_hra, hra_adapters, read_hra_metadata, save_hra
+from hra_diffusion.export import export_lora, export_merged
+from hra_diffusion.pipelines import ModelNotFoundError, attach_adapters, load_pipeline, pipeline_components
+
+GEN = {"prompt": "a photo of sks dog", "num_inference_steps": 2, "output_type": "latent", "height": 64, "width": 64}
+TE_PROBE = "text_model.encoder.layers.0.self_attn.q_proj"
+
+
+def latents(pipe):
+    return pipe(**GEN, generator=torch.Generator().manual_seed(0)).images
+
+
+def adapt_all(pipe):
+    adapted(pipe.unet, HRAConfig(r=4, target_modules=UNET_TARGETS))
+    adapted(pipe.text_encoder, HRAConfig(r=2, target_modules=TE_TARGETS), seed=1)
+    adapted(pipe.text_encoder_2, HRAConfig(r=2, target_modules=(*TE_TARGETS, "text_projection")), seed=2)
+
+
+def test_sdxl_identity_at_start_then_file_round_trip(tiny_sdxl, tmp_path):
+    pipe = load_pipeline(tiny_sdxl, device="cpu")
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert set(pipeline_components(pipe)) == {"unet", "text_encoder", "text_encoder_2"}
+    base = latents(pipe)
+    for name, model in pipeline_components(pipe).items():
+        add_hra(model, HRAConfig(r=2, target_modules=UNET_TARGETS if name == "unet" else TE_TARGETS))
+    assert_rel(latents(pipe), base, tol=1e-5)  # fresh adapters: the base model's output, to float32 rounding
+
+    trained = load_pipeline(tiny_sdxl, device="cpu")
+    adapt_all(trained)
+    expected = latents(trained)
+    assert (expected - base).abs().max() > 1e-3
+    path = save_hra(pipeline_components(trained), tmp_path / "subject.safetensors")
+    assert set(read_hra_metadata(path)["adapters"]) == {"unet", "text_encoder", "text_encoder_2"}
+
+    fresh = load_pipeline(tiny_sdxl, device="cpu")
+    attach_adapters(fresh, [path])
+    assert all("subject" in hra_adapters(m) for m in pipeline_components(fresh).values())
+    torch.testing.assert_close(latents(fresh), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_sdxl_lora_export_reproduces_hra_in_diffusers(tiny_sdxl, tmp_path, fmt):
+    hra_pipe = load_pipeline(tiny_sdxl, device="cpu")
+    adapt_all(hra_pipe)
+    path = export_lora(pipeline_components(hra_pipe), tmp_path / "lora", format=fmt)
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        assert set(json.loads(f.metadata()["hra_base_sha256"])) == {"unet", "text_encoder", "text_encoder_2"}
+    if fmt == "kohya":  # kohya / ComfyUI name SDXL's encoders te1 and te2
+        te = TE_PROBE.replace(".", "_")
+        assert f"lora_te1_{te}.lora_down.weight" in keys and f"lora_te2_{te}.lora_down.weight" in keys
+        assert not any(k.startswith("lora_te_") for k in keys)
+    lora_pipe = load_pipeline(tiny_sdxl, device="cpu")
+    lora_pipe.load_lora_weights(str(path.parent))
+    assert_rel(latents(lora_pipe), latents(hra_pipe), tol=1e-4)
+
+
+def test_sdxl_merged_export_loads_as_sdxl(tiny_sdxl, tmp_path):
+    pipe = load_pipeline(tiny_sdxl, device="cpu")
+    adapt_all(pipe)
+    expected = latents(pipe)
+    merged = load_pipeline(export_merged(pipe, tmp_path / "merged"), device="cpu")
+    assert isinstance(merged, StableDiffusionXLPipeline)
+    assert_rel(latents(merged), expected, tol=1e-5)
+
+
+def test_other_pipeline_kinds_are_refused_clearly(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelNotFoundError, match=r"is a FluxPipeline.*SDXL"):
+        load_pipeline(tmp_path, device="cpu")
