@@ -1,4 +1,4 @@
-"""One training step of the real SD1.5 UNet (random weights): frozen, LoRA r=8, peft HRA r=8, our HRA r=8.
+"""One training step of the real SD1.5 (or SDXL) UNet, random weights: frozen, LoRA r=8, peft HRA r=8, our HRA r=8.
 
 Why the whole UNet: the layer benchmark (hra_layer.py) isolates the adapter, this one shows what a user pays per
 training step, and peak memory, which only a full model shows (peft's HRA keeps dense d x d matrices per layer).
@@ -7,6 +7,7 @@ training step, and peak memory, which only a full model shows (peft's HRA keeps 
     python benchmarks/unet_step.py --resolution 512 --dtype bf16    # a GPU
     python benchmarks/unet_step.py --modes lora ours --steps 5 --json unet.json
     python benchmarks/unet_step.py --threads 1 --clock cpu          # a CPU shared with other jobs
+    python benchmarks/unet_step.py --arch sdxl --resolution 1024 --dtype bf16   # SDXL on a GPU
 
 A step: grads set to None, forward at a random timestep with random text states (77 x 768), loss = MSE to a random
 target, backward. No optimizer update (the adapters' update is negligible next to the UNet). In "frozen" mode the
@@ -45,20 +46,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hra_diffusion.tiny import SD15_UNET_CONFIG  # noqa: E402
+from hra_diffusion.tiny import SD15_UNET_CONFIG, SDXL_UNET_CONFIG  # noqa: E402
 
 MODES = ["frozen", "lora", "hra_peft", "ours"]
+# UNet config, text-state width, pooled width (SDXL's added "text_time" conditioning), label, memory vs SD1.5
+ARCHS = {
+    "sd15": (SD15_UNET_CONFIG, 768, None, "SD1.5", 1.0),
+    "sdxl": (SDXL_UNET_CONFIG, 2048, 1280, "SDXL", 3.0),
+}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGET_TIME_VS_LORA = 1.05
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_unet(mode: str, r: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The SD1.5 UNet with random weights, base frozen, the adapter of ``mode`` on q/k/v/out of every attention."""
+def build_unet(mode: str, r: int, device: str, dtype: torch.dtype, arch: str = "sd15") -> torch.nn.Module:
+    """The UNet with random weights, base frozen, the adapter of ``mode`` on q/k/v/out of every attention."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=device, dtype=dtype).train()
+    unet = UNet2DConditionModel(**ARCHS[arch][0]).to(device=device, dtype=dtype).train()
     unet.requires_grad_(False)
     if mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -120,14 +126,22 @@ def worker(args: argparse.Namespace) -> None:
     diffusers_logging.set_verbosity_error()  # the "keep in float32" notice on .to(dtype), once per worker
     device, dtype = args.device, DTYPES[args.dtype]
     cuda = device.startswith("cuda")
-    unet = build_unet(args.worker, args.r, device, dtype)
+    unet = build_unet(args.worker, args.r, device, dtype, args.arch)
+    _, text_width, pooled_width, _, _ = ARCHS[args.arch]
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     latent = args.resolution // 8
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(args.batch, 4, latent, latent, generator=gen).to(device, dtype)
     target = torch.randn(args.batch, 4, latent, latent, generator=gen).to(device, dtype)
-    text = torch.randn(args.batch, 77, 768, generator=gen).to(device, dtype)
+    text = torch.randn(args.batch, 77, text_width, generator=gen).to(device, dtype)
     timesteps = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+    added = None
+    if pooled_width:  # SDXL: pooled text embedding and size conditioning (original, crop, target)
+        size = [args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]
+        added = {
+            "text_embeds": torch.randn(args.batch, pooled_width, generator=gen).to(device, dtype),
+            "time_ids": torch.tensor([size] * args.batch, device=device, dtype=dtype),
+        }
     if args.worker == "frozen":
         latents.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -144,7 +158,7 @@ def worker(args: argparse.Namespace) -> None:
         if cuda:
             torch.cuda.synchronize()
         start = clock()
-        out = unet(latents, timesteps, encoder_hidden_states=text).sample
+        out = unet(latents, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
         torch.nn.functional.mse_loss(out.float(), target.float()).backward()
         if cuda:
             torch.cuda.synchronize()
@@ -172,6 +186,7 @@ class Worker:
 
     def __init__(self, mode: str, args: argparse.Namespace) -> None:
         options = {"--worker": mode, "--device": args.device, "--dtype": args.dtype, "--resolution": args.resolution}
+        options["--arch"] = args.arch
         options.update(
             {"--batch": args.batch, "--r": args.r, "--threads": torch.get_num_threads(), "--clock": args.clock}
         )
@@ -205,9 +220,10 @@ class Worker:
 
 
 def memory_needed_gib(mode: str, args: argparse.Namespace) -> float:
-    """Rough peak RSS of a CPU worker, float32: 4.4 GiB at 256 px batch 1, 6.7 at 512; peft's HRA 10.3 at 256 px."""
+    """Rough peak RSS of a CPU worker, float32: 4.4 GiB at 256 px batch 1, 6.7 at 512; peft's HRA 10.3 at 256 px
+    (SD1.5; SDXL's UNet is three times larger)."""
     scale = args.batch * (args.resolution / 256) ** 2
-    return 11.0 + 1.5 * scale if mode == "hra_peft" else 4.2 + 0.6 * scale
+    return ARCHS[args.arch][4] * (11.0 + 1.5 * scale if mode == "hra_peft" else 4.2 + 0.6 * scale)
 
 
 def memory_available_gib() -> float:
@@ -216,9 +232,9 @@ def memory_available_gib() -> float:
     return int(fields["MemAvailable"].split()[0]) / 2**20
 
 
-def affordable(modes: list[str], args: argparse.Namespace) -> list[str]:
-    """The modes that fit in the memory free now; the others are skipped with a warning (the OOM killer would pick
-    a victim among every process on the machine, not only this benchmark)."""
+def affordable(modes: list[str], args: argparse.Namespace, warn: bool = True) -> list[str]:
+    """The modes that fit in the memory free now, together; the others are left out, with a warning if ``warn`` (the
+    OOM killer would pick a victim among every process on the machine, not only this benchmark)."""
     if args.device.startswith("cuda") or args.no_memory_check or not os.path.exists("/proc/meminfo"):
         return modes
     kept, free = [], memory_available_gib()
@@ -227,7 +243,7 @@ def affordable(modes: list[str], args: argparse.Namespace) -> list[str]:
         if need + 1.0 <= free:  # and leave a GiB to everyone else
             kept.append(mode)
             free -= need
-        else:
+        elif warn:
             print(
                 f"skipping {mode}: needs about {need:.1f} GiB, {free:.1f} GiB available now "
                 "(--no-memory-check to run it anyway)",
@@ -300,6 +316,7 @@ def markdown(results: dict[str, dict], cuda: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--arch", default="sd15", choices=sorted(ARCHS), help="the UNet architecture")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode, after --warmup")
     parser.add_argument("--peft-hra-steps", type=int, default=2, help="timed steps for peft's HRA (slow on CPU)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -337,8 +354,14 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     # peft's HRA is slow and large: it runs alone, after them, with fewer steps
     load_start = os.getloadavg()[0]
-    fast = affordable([m for m in args.modes if m != "hra_peft"], args)
-    results = run_interleaved(fast, args.steps, args) if fast else {}
+    fast, results = [m for m in args.modes if m != "hra_peft"], {}
+    while fast:  # interleaved in groups that fit in memory together (one group on a GPU or a large machine)
+        group = affordable(fast, args, warn=False)
+        if not group:
+            affordable(fast, args)  # says why each one left is skipped
+            break
+        results.update(run_interleaved(group, args.steps, args))
+        fast = [m for m in fast if m not in group]
     if "hra_peft" in args.modes and affordable(["hra_peft"], args):
         results.update(run_interleaved(["hra_peft"], args.peft_hra_steps, args))
     results = {mode: results[mode] for mode in args.modes if mode in results}
@@ -349,7 +372,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {threads} thread" + ("s" if threads != 1 else "")
     latent = args.resolution // 8
     print(
-        f"\nSD1.5 UNet training step (forward+backward, {args.clock} time), {args.resolution} px "
+        f"\n{ARCHS[args.arch][3]} UNet training step (forward+backward, {args.clock} time), {args.resolution} px "
         f"({latent}x{latent} latents), batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}\n"
     )
     print(markdown(results, cuda))
@@ -379,6 +402,7 @@ def main() -> None:
         meta = {
             "device": args.device,
             "device_name": where,
+            "arch": args.arch,
             "torch": torch.__version__,
             "dtype": args.dtype,
             "resolution": args.resolution,

@@ -90,10 +90,11 @@ class _AugmentedDataset(Dataset):
 class DreamBoothDataset(_AugmentedDataset):
     """Instance (and optional prior-preservation class) images, as in diffusers' ``train_dreambooth_lora.py``.
 
-    Items: ``instance_images`` (3xRxR float in [-1, 1]) and ``instance_prompt`` (the image's sidecar caption when
-    ``use_captions`` and one exists, else ``instance_prompt``); with ``class_dir`` also ``class_images`` and
-    ``class_prompt``. The length is max(instances, class images) and indices wrap, like diffusers. Call
-    :meth:`set_epoch` before each epoch to get fresh crops/flips.
+    Items: ``instance_images`` (3xRxR float in [-1, 1]), ``instance_size_crop`` (original height, width, crop top,
+    left) and ``instance_prompt`` (the image's sidecar caption when ``use_captions`` and one exists, else
+    ``instance_prompt``); with ``class_dir`` also ``class_images``, ``class_size_crop`` and ``class_prompt``. The
+    length is max(instances, class images) and indices wrap, like diffusers. Call :meth:`set_epoch` before each
+    epoch to get fresh crops/flips.
     """
 
     def __init__(
@@ -124,35 +125,39 @@ class DreamBoothDataset(_AugmentedDataset):
     def __len__(self) -> int:
         return max(len(self.instance_paths), len(self.class_paths))
 
-    def _transform(self, path: Path, rng: random.Random) -> torch.Tensor:
+    def _transform(self, path: Path, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """(image in [-1, 1], SDXL's size conditioning: original height, width, crop top, crop left)."""
         img = load_image(path, max_pixels=self.max_pixels)
-        img = _apply(img, self._plan(img.size, rng))
-        return to_tensor(img) * 2.0 - 1.0
+        geo = self._plan(img.size, rng)
+        left, top, right, _ = geo.box
+        if geo.flip:  # the crop as seen in the flipped image, where the cut-off side is the other one
+            left = geo.resized[0] - right
+        return to_tensor(_apply(img, geo)) * 2.0 - 1.0, (img.height, img.width, top, left)
 
     def __getitem__(self, index: int) -> dict:
         rng = _sample_rng(self.seed, self.epoch, index, "dreambooth")
         i = index % len(self.instance_paths)
-        example = {
-            "instance_images": self._transform(self.instance_paths[i], rng),
-            "instance_prompt": self.instance_prompts[i],
-        }
+        image, size_crop = self._transform(self.instance_paths[i], rng)
+        example = {"instance_images": image, "instance_size_crop": size_crop}
+        example["instance_prompt"] = self.instance_prompts[i]
         if self.class_paths:
-            example["class_images"] = self._transform(self.class_paths[index % len(self.class_paths)], rng)
-            example["class_prompt"] = self.class_prompt
+            image, size_crop = self._transform(self.class_paths[index % len(self.class_paths)], rng)
+            example.update(class_images=image, class_size_crop=size_crop, class_prompt=self.class_prompt)
         return example
 
 
 def collate_dreambooth(examples: Sequence[dict], with_prior_preservation: bool) -> dict:
     """Batch DreamBooth items: ``pixel_values`` (Bx3xRxR, or 2B with instance images first, then class images,
-    as diffusers concatenates them so the loss can be chunked in two) and ``prompts`` in the same order."""
-    pixel_values = [ex["instance_images"] for ex in examples]
-    prompts = [ex["instance_prompt"] for ex in examples]
-    if with_prior_preservation:
-        if any("class_images" not in ex for ex in examples):
-            raise ValueError("with_prior_preservation needs class images: build DreamBoothDataset with class_dir")
-        pixel_values += [ex["class_images"] for ex in examples]
-        prompts += [ex["class_prompt"] for ex in examples]
-    return {"pixel_values": torch.stack(pixel_values).contiguous().float(), "prompts": prompts}
+    as diffusers concatenates them so the loss can be chunked in two), ``prompts`` and ``size_crop`` (Bx4 or 2Bx4:
+    original height, width, crop top, left; SDXL's conditioning) in the same order."""
+    kinds = ("instance", "class") if with_prior_preservation else ("instance",)
+    if with_prior_preservation and any("class_images" not in ex for ex in examples):
+        raise ValueError("with_prior_preservation needs class images: build DreamBoothDataset with class_dir")
+    return {
+        "pixel_values": torch.stack([ex[f"{k}_images"] for k in kinds for ex in examples]).contiguous().float(),
+        "prompts": [ex[f"{k}_prompt"] for k in kinds for ex in examples],
+        "size_crop": torch.tensor([ex[f"{k}_size_crop"] for k in kinds for ex in examples], dtype=torch.long),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -100,6 +100,10 @@ def _pipeline_class(source: str, revision: str | None) -> type:
     )
 
 
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
     """The pipeline's models that adapters go on: unet, text_encoder and, for SDXL, text_encoder_2."""
     return {name: getattr(pipe, name) for name in ADAPTED_COMPONENTS if getattr(pipe, name, None) is not None}

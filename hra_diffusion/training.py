@@ -54,7 +54,7 @@ from .hub import HubError, create_hub_repo, push_run
 from .images import ImageError
 from .io import AdapterFileError, AdapterMismatchError, atomic_write, save_hra
 from .model import hra_layers, orthogonality_loss
-from .pipelines import ModelNotFoundError, load_pipeline
+from .pipelines import ModelNotFoundError, is_sdxl, load_pipeline, pipeline_components
 
 logger = logging.getLogger(__name__)
 
@@ -413,13 +413,32 @@ def weight_dtype(accelerator) -> torch.dtype:
     return DTYPES[accelerator.mixed_precision]
 
 
-def load_base(name: str, *, device: torch.device | str, revision: str | None = None, variant: str | None = None):
-    """(pipeline, training noise scheduler) of an SD 1.x/2.x model, every weight frozen.
+def load_base(
+    name: str,
+    *,
+    device: torch.device | str,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+):
+    """(pipeline, training noise scheduler) of an SD 1.x/2.x or SDXL model, every weight frozen.
 
-    Raises :class:`ModelNotFoundError` with the same wording as the app when the model is not available offline.
+    ``vae`` replaces the pipeline's VAE (a folder or hub id, e.g. an fp16-safe SDXL VAE). Raises
+    :class:`ModelNotFoundError` with the same wording as the app when a model is not available offline.
     """
-    pipe = load_pipeline(name, device=device, revision=revision, variant=variant)
-    for model in (pipe.unet, pipe.text_encoder, pipe.vae):
+    components = {}
+    if vae is not None:
+        from diffusers import AutoencoderKL
+
+        try:
+            components["vae"] = AutoencoderKL.from_pretrained(vae, revision=revision)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(
+                f"--pretrained_vae_model_name_or_path {vae!r}: could not load an AutoencoderKL from it "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from err
+    pipe = load_pipeline(name, device=device, revision=revision, variant=variant, **components)
+    for model in (*pipeline_components(pipe).values(), pipe.vae):
         model.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -431,12 +450,57 @@ def load_base(name: str, *, device: torch.device | str, revision: str | None = N
 # Diffusion helpers shared by the trainers' losses
 
 
-def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str], device: torch.device) -> Tensor:
-    """CLIP hidden states of ``prompts``, padded to the tokenizer's length as the pipelines do."""
-    ids = tokenizer(
+def _token_ids(tokenizer, prompts: Sequence[str]) -> Tensor:
+    return tokenizer(
         list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
-    return text_encoder(ids.to(device))[0]
+
+
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str], device: torch.device) -> Tensor:
+    """CLIP hidden states of ``prompts``, padded to the tokenizer's length as the pipelines do."""
+    return text_encoder(_token_ids(tokenizer, prompts).to(device))[0]
+
+
+class PromptEncoder:
+    """The UNet's text conditioning for a pipeline's prompts, as its own pipeline computes it.
+
+    SD 1.x/2.x: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden states side by side,
+    and the second encoder's pooled, projected output for the added "text_time" embedding. With frozen encoders each
+    prompt is encoded once and cached (``cache=True``).
+    """
+
+    def __init__(self, pipe, cache: bool) -> None:
+        self.sdxl = is_sdxl(pipe)
+        self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if self.sdxl else [pipe.tokenizer]
+        self.cache: dict[str, tuple[Tensor, Tensor | None]] | None = {} if cache else None
+
+    def __call__(self, prompts: Sequence[str], models: Mapping[str, nn.Module], device) -> tuple[Tensor, Tensor | None]:
+        """(encoder hidden states, pooled embeddings or None) of ``prompts``, by the given (maybe wrapped) encoders."""
+        if self.cache is None:
+            return self._encode(prompts, models, device)
+        new = sorted(set(prompts) - set(self.cache))
+        if new:
+            with torch.no_grad():
+                hidden, pooled = self._encode(new, models, device)
+            for i, prompt in enumerate(new):
+                self.cache[prompt] = (hidden[i], None if pooled is None else pooled[i])
+        hidden = torch.stack([self.cache[p][0] for p in prompts])
+        return hidden, torch.stack([self.cache[p][1] for p in prompts]) if self.sdxl else None
+
+    def _encode(self, prompts: Sequence[str], models: Mapping[str, nn.Module], device) -> tuple[Tensor, Tensor | None]:
+        if not self.sdxl:
+            return encode_prompts(self.tokenizers[0], models["text_encoder"], prompts, device), None
+        states = []
+        for tokenizer, name in zip(self.tokenizers, ("text_encoder", "text_encoder_2")):
+            out = models[name](_token_ids(tokenizer, prompts).to(device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), out[0]  # out[0]: the projected pooled output of text_encoder_2
+
+
+def sdxl_time_ids(size_crop: Tensor, resolution: int) -> Tensor:
+    """SDXL's size conditioning per image: (original height, width, crop top, left, target height, width)."""
+    target = torch.tensor([resolution, resolution], dtype=size_crop.dtype, device=size_crop.device)
+    return torch.cat([size_crop, target.expand(len(size_crop), 2)], dim=1)
 
 
 def encode_latents(vae: nn.Module, pixel_values: Tensor) -> Tensor:
@@ -541,6 +605,7 @@ class TrainSpec:
     validate: ``(step) -> images``, run on the main process every --validation_steps and at the end.
     save_adapter: writes the result file from the unwrapped trainable models; default: one HRA safetensors file.
     finish: called on the main process after the final adapter and samples are written (model card, grid).
+    keep_fp32: frozen models never cast to the mixed-precision dtype (SDXL's VAE, which overflows in fp16).
     """
 
     dataset: Dataset
@@ -553,6 +618,7 @@ class TrainSpec:
     tracker_config: dict[str, Any] = field(default_factory=dict)
     save_adapter: Callable[[dict[str, nn.Module], Path, dict[str, Any]], Path] | None = None
     finish: Callable[[TrainResult], None] | None = None
+    keep_fp32: tuple[str, ...] = ()
 
 
 @dataclass
@@ -750,10 +816,10 @@ class _Loop:
 
     def run(self) -> TrainResult:
         acc, cfg, spec = self.acc, self.cfg, self.spec
-        for model in spec.models.values():
+        for name, model in spec.models.items():
             if isinstance(model, nn.Module):
                 model.to(acc.device)
-                _cast_frozen(model, self.dtype)
+                _cast_frozen(model, torch.float32 if name in spec.keep_fp32 else self.dtype)
         if cfg.gradient_checkpointing:
             for model in self.trainable.values():
                 _enable_gradient_checkpointing(model)

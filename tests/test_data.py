@@ -252,13 +252,43 @@ def test_dreambooth_items_and_captions(subjects):
     ds = DreamBoothDataset(dog, "a photo of sks dog", 32, center_crop=True)
     assert len(ds) == 2
     item = ds[0]
-    assert set(item) == {"instance_images", "instance_prompt"}
+    assert set(item) == {"instance_images", "instance_size_crop", "instance_prompt"}
     x = item["instance_images"]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert -1.0 <= x.min() < 0 < x.max() <= 1.0
     assert [ds[i]["instance_prompt"] for i in range(2)] == ["a photo of sks dog", "a photo of sks dog on a sofa"]
     no_captions = DreamBoothDataset(dog, "a photo of sks dog", 32, use_captions=False)
     assert no_captions[1]["instance_prompt"] == "a photo of sks dog"
+
+
+def test_dreambooth_size_crop_locates_the_crop(subjects):
+    """SDXL's conditioning (original size, crop top-left) must say where the training pixels came from, counted in
+    the flipped image when flipped (diffusers flips, then crops): recrop the original with it and compare."""
+    dog, _ = subjects
+    wide = dog.parent / "wide"
+    wide.mkdir()
+    load_image(dog / "00.jpg").resize((150, 96)).save(wide / "wide.png")  # landscape: crops move sideways
+    ds = DreamBoothDataset(wide, "p", 24, random_flip=True, seed=7)
+    original = load_image(ds.instance_paths[0])
+    seen, lefts = set(), set()
+    for epoch in range(10):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        height, width, top, left = item["instance_size_crop"]
+        lefts.add(left)
+        assert (height, width) == (original.height, original.width)
+        scale = 24 / min(width, height)
+        resized = original.resize((max(24, round(width * scale)), max(24, round(height * scale))), Image.LANCZOS)
+        for flipped, frame in ((False, resized), (True, ImageOps.mirror(resized))):
+            expected = torch.from_numpy(np.asarray(frame.crop((left, top, left + 24, top + 24)), dtype=np.float32))
+            if torch.allclose(item["instance_images"], expected.permute(2, 0, 1) / 127.5 - 1, atol=1e-5):
+                seen.add(flipped)
+                break
+        else:
+            raise AssertionError(f"epoch {epoch}: the crop is not at (top, left) = {(top, left)}")
+    assert seen == {False, True} and len(lefts) > 2, "flipped and plain draws at several offsets were checked"
+    batch = collate_dreambooth([ds[0], ds[0]], False)
+    assert batch["size_crop"].tolist() == [list(item["instance_size_crop"])] * 2
 
 
 def test_dreambooth_determinism(subjects):

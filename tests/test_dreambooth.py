@@ -226,6 +226,38 @@ def test_v_prediction_text_encoder_bf16_checkpointing(tiny_sd_v, tmp_path):
     assert all(e["orth"] > 0 for e in steps), "--hra_lambda adds the orthogonality term"
 
 
+def test_sdxl_with_both_text_encoders_bf16(tiny_sdxl, tmp_path):
+    out = tmp_path / "out"
+    ok(
+        run_script(
+            base_args(
+                tiny_sdxl,
+                out,
+                train_text_encoder=True,
+                mixed_precision="bf16",
+                learning_rate=3e-3,
+                num_validation_images=1,
+                num_validation_inference_steps=2,
+            )
+        )
+    )
+    meta = read_hra_metadata(out / "hra_adapter.safetensors")
+    assert meta["pipeline"] == "StableDiffusionXLPipeline" and meta["resolution"] == "32"
+    assert sorted(meta["adapters"]) == ["text_encoder", "text_encoder_2", "unet"]
+    tensors = adapter_tensors(out)
+    for part in ("unet.", "text_encoder.", "text_encoder_2."):  # the equal starting pairs moved apart: gradients came
+        assert all((t[:, 0::2] - t[:, 1::2]).abs().max() > 0 for k, t in tensors.items() if k.startswith(part))
+    assert "- stable-diffusion-xl" in (out / "README.md").read_text()
+
+    from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl, device="cpu")
+    kwargs = dict(seed=0, steps=2, height=32, width=32, output_type="np")
+    before = generate(pipe, "a photo of sks dog", **kwargs)[0]
+    attach_adapters(pipe, [out / "hra_adapter.safetensors"])
+    assert np.abs(generate(pipe, "a photo of sks dog", **kwargs)[0] - before).max() > 1e-4
+
+
 def test_mixed_precision_keeps_adapters_fp32(tiny_unet):
     from hra_diffusion import HRAConfig, add_hra, hra_parameters
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from hra_diffusion import HRAConfig, add_hra, hra_adapters, read_hra_metadata, save_hra
 from hra_diffusion.export import export_lora, export_merged
 from hra_diffusion.pipelines import ModelNotFoundError, attach_adapters, load_pipeline, pipeline_components
+from hra_diffusion.training import PromptEncoder, sdxl_time_ids
 
 GEN = {"prompt": "a photo of sks dog", "num_inference_steps": 2, "output_type": "latent", "height": 64, "width": 64}
 TE_PROBE = "text_model.encoder.layers.0.self_attn.q_proj"
@@ -78,3 +79,25 @@ def test_other_pipeline_kinds_are_refused_clearly(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ModelNotFoundError, match=r"is a FluxPipeline.*SDXL"):
         load_pipeline(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_prompt_encoder_matches_the_sdxl_pipeline(tiny_sdxl, cache):
+    """The trainer's conditioning must be what StableDiffusionXLPipeline itself feeds the UNet at inference."""
+    pipe = load_pipeline(tiny_sdxl, device="cpu")
+    prompts = ["a photo of sks dog", "a dog", "a photo of sks dog"]
+    encoder = PromptEncoder(pipe, cache=cache)
+    hidden, pooled = encoder(prompts, pipeline_components(pipe), torch.device("cpu"))
+    with torch.no_grad():
+        expected_hidden, _, expected_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    torch.testing.assert_close(hidden, expected_hidden, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-6)
+
+    size_crop = torch.tensor([[700, 1200, 16, 88], [1024, 1024, 0, 0]])
+    expected = [
+        pipe._get_add_time_ids(
+            (h, w), (top, left), (512, 512), torch.float32, pipe.text_encoder_2.config.projection_dim
+        )[0]
+        for h, w, top, left in size_crop.tolist()
+    ]  # fmt: skip
+    assert torch.equal(sdxl_time_ids(size_crop, 512).float(), torch.stack(expected))

@@ -43,7 +43,7 @@ from hra_diffusion.data import ControlDataset, collate_control
 from hra_diffusion.images import load_image
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
-from hra_diffusion.pipelines import generate
+from hra_diffusion.pipelines import generate, is_sdxl
 from hra_diffusion.training import (
     ProgressFile,
     TrainConfig,
@@ -314,6 +314,11 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
     pipe, noise_scheduler = load_base(
         args.pretrained_model_name_or_path, device=accelerator.device, revision=args.revision, variant=args.variant
     )
+    if is_sdxl(pipe):
+        raise TrainingError(
+            f"{args.pretrained_model_name_or_path} is an SDXL model; control_hra.py trains SD 1.x/2.x control adapters "
+            "(SDXL personalization works: training/dreambooth_hra.py)"
+        )
     torch.manual_seed(cfg.seed)  # the adapters' initial vectors depend on the seed alone
     encoder = add_control(pipe.unet, config, pipe.vae_scale_factor)
     counts = {

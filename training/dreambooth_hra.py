@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""DreamBooth with HRA: teach Stable Diffusion 1.x/2.x a subject from a few photos; the result is one adapter file.
+"""DreamBooth with HRA: teach Stable Diffusion (1.x, 2.x, SDXL) a subject from a few photos; the result is one adapter
+file.
 
     accelerate launch training/dreambooth_hra.py \\
       --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
@@ -15,6 +16,7 @@ logging and signals live in hra_diffusion/training.py, shared with the other tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import math
@@ -31,25 +33,26 @@ from hra_diffusion.data import DreamBoothDataset, collate_dreambooth
 from hra_diffusion.images import require_images, scan_images
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
-from hra_diffusion.pipelines import generate
+from hra_diffusion.pipelines import generate, is_sdxl, pipeline_components
 from hra_diffusion.training import (
     ADAPTER_FILE,
     DTYPES,
     STOP,
     ProgressFile,
+    PromptEncoder,
     TrainConfig,
     TrainingError,
     TrainResult,
     TrainSpec,
     add_training_args,
     encode_latents,
-    encode_prompts,
     hra_config_from_args,
     load_base,
     make_accelerator,
     noisy_latents,
     run_cli,
     run_metadata,
+    sdxl_time_ids,
     stop_agreed,
     train,
     weight_dtype,
@@ -70,13 +73,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="use --instance_prompt for every photo even where a same-name .txt/.caption file exists",
     )
-    g.add_argument("--resolution", type=int, default=512, help="training size (shorter side resized, then cropped)")
+    g.add_argument(
+        "--resolution", type=int, default=None, help="training size, shorter side resized then cropped (512; SDXL 1024)"
+    )
     g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
     g.add_argument("--random_flip", action="store_true", help="random horizontal flips")
     g.add_argument(
         "--train_text_encoder",
         action="store_true",
-        help="also put HRA on the text encoder's q_proj/k_proj/v_proj/out_proj",
+        help="also put HRA on the text encoders' q_proj/k_proj/v_proj/out_proj (SDXL: both encoders)",
+    )
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE is kept in fp32 instead)",
     )
 
     g = parser.add_argument_group("prior preservation")
@@ -162,26 +172,20 @@ def _name_seed(seed: int, name: str) -> int:
 # The DreamBooth loss
 
 
-def make_loss_fn(noise_scheduler, tokenizer, args: argparse.Namespace):
+def make_loss_fn(noise_scheduler, prompts: PromptEncoder, args: argparse.Namespace):
     """MSE to the model's target (noise for epsilon models, velocity for v-prediction) on the instance half, plus
     --prior_loss_weight times the same on the class half (the batch is instance images, then class images)."""
-    cache: dict[str, torch.Tensor] = {}
-
-    def embed(prompts: list[str], text_encoder, device: torch.device) -> torch.Tensor:
-        if args.train_text_encoder:
-            return encode_prompts(tokenizer, text_encoder, prompts, device)
-        new = sorted(set(prompts) - set(cache))  # a frozen encoder gives each prompt one embedding: compute it once
-        if new:
-            with torch.no_grad():
-                cache.update(zip(new, encode_prompts(tokenizer, text_encoder, new, device)))
-        return torch.stack([cache[p] for p in prompts])
 
     def loss_fn(batch: dict, models: dict) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
             latents = encode_latents(models["vae"], batch["pixel_values"])
         noisy, timesteps, target = noisy_latents(noise_scheduler, latents)
-        hidden = embed(batch["prompts"], models["text_encoder"], latents.device)
-        pred = models["unet"](noisy, timesteps, hidden).sample.float()
+        hidden, pooled = prompts(batch["prompts"], models, latents.device)
+        added = None
+        if pooled is not None:  # SDXL: the pooled prompt and the size conditioning join the timestep embedding
+            time_ids = sdxl_time_ids(batch["size_crop"].to(latents.device), args.resolution)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
+        pred = models["unet"](noisy, timesteps, hidden, added_cond_kwargs=added).sample.float()
         target = target.float()
         if not args.with_prior_preservation:
             return F.mse_loss(pred, target), {}
@@ -208,7 +212,7 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def write_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, n_photos: int) -> None:
+def write_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, n_photos: int, sdxl: bool) -> None:
     out = cfg.output_dir
     samples = ""
     if result.samples:
@@ -229,7 +233,7 @@ def write_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, 
         out,
         base_model=args.pretrained_model_name_or_path,
         front_matter={"instance_prompt": args.instance_prompt},
-        tags=("text-to-image", "dreambooth"),
+        tags=("text-to-image", "dreambooth", *(("stable-diffusion-xl",) if sdxl else ())),
         title=f'HRA DreamBooth: "{args.instance_prompt}"',
         body=f"""HRA (Householder reflection adaptation) weights for `{args.pretrained_model_name_or_path}`, trained
 with DreamBooth on {n_photos} photos. The file `{ADAPTER_FILE}` holds r={args.hra_r} reflection vectors per adapted
@@ -259,8 +263,14 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
     accelerator = make_accelerator(cfg)
 
     pipe, noise_scheduler = load_base(
-        args.pretrained_model_name_or_path, device=accelerator.device, revision=args.revision, variant=args.variant
+        args.pretrained_model_name_or_path,
+        device=accelerator.device,
+        revision=args.revision,
+        variant=args.variant,
+        vae=args.pretrained_vae_model_name_or_path,
     )
+    sdxl = is_sdxl(pipe)
+    args.resolution = args.resolution or (1024 if sdxl else 512)
     if args.with_prior_preservation:
         generate_class_images(pipe, args, accelerator, cfg.seed)
         if stop_agreed(accelerator):
@@ -278,11 +288,17 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         use_captions=not args.ignore_captions,
     )
 
+    models = {**pipeline_components(pipe), "vae": pipe.vae}
+    text_encoders = tuple(name for name in models if name.startswith("text_encoder"))
+    trainable = ("unet", *text_encoders) if args.train_text_encoder else ("unet",)
+    configs = {"unet": unet_config, "text_encoder": text_config, "text_encoder_2": text_config}
+    if sdxl:  # SDXL reads text_encoder's penultimate states: its last layer never reaches the UNet, so adapt none of it
+        last = models["text_encoder"].config.num_hidden_layers - 1
+        configs["text_encoder"] = dataclasses.replace(text_config, exclude_modules=rf".*\.layers\.{last}\..*")
     torch.manual_seed(cfg.seed)  # the adapters' initial vectors depend on the seed alone
     try:
-        add_hra(pipe.unet, unet_config)
-        if args.train_text_encoder:
-            add_hra(pipe.text_encoder, text_config)
+        for name in trainable:
+            add_hra(models[name], configs[name])
     except ValueError as err:
         raise TrainingError(f"--hra_target_modules: {err}") from err
 
@@ -308,17 +324,19 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         class_prompt=args.class_prompt if args.with_prior_preservation else None,
         prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else None,
         train_text_encoder=args.train_text_encoder,
+        pipeline=type(pipe).__name__,
     )
     spec = TrainSpec(
         dataset=dataset,
         collate_fn=lambda examples: collate_dreambooth(examples, args.with_prior_preservation),
-        models={"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae},
-        trainable=("unet", "text_encoder") if args.train_text_encoder else ("unet",),
-        loss_fn=make_loss_fn(noise_scheduler, pipe.tokenizer, args),
+        models=models,
+        trainable=trainable,
+        loss_fn=make_loss_fn(noise_scheduler, PromptEncoder(pipe, cache=not args.train_text_encoder), args),
         validate=validate if args.num_validation_images > 0 else None,
         metadata=metadata,
         tracker_config={**vars(args), "seed": cfg.seed, "weight_dtype": str(weight_dtype(accelerator))},
-        finish=lambda result: write_card(args, cfg, result, len(photos)),
+        finish=lambda result: write_card(args, cfg, result, len(photos), sdxl),
+        keep_fp32=("vae",) if sdxl and args.pretrained_vae_model_name_or_path is None else (),  # fp16 overflows it
     )
     train(accelerator, cfg, spec, progress)
     return 0
