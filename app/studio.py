@@ -23,7 +23,7 @@ from hra_diffusion.control import CONTROL_KIND, make_condition
 from hra_diffusion.export import export_lora, export_merged, export_peft
 from hra_diffusion.images import ImageError, load_image
 from hra_diffusion.io import read_hra_metadata
-from hra_diffusion.pipelines import attach_adapters, load_pipeline, unload_adapter
+from hra_diffusion.pipelines import attach_adapters, load_pipeline, pipeline_components, unload_adapter
 from hra_diffusion.pipelines import generate as sample
 
 from .jobs import Job, JobQueue
@@ -347,8 +347,7 @@ class Studio:
                 _zip(export_merged(pipe, work, adapter_name=name), target)
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-                export_lora(components, target, format=fmt.removeprefix("lora-"), adapter_name=name)
+                export_lora(pipeline_components(pipe), target, format=fmt.removeprefix("lora-"), adapter_name=name)
             shutil.rmtree(work, ignore_errors=True)
         return target
 

@@ -106,16 +106,9 @@ def worker(args: argparse.Namespace) -> dict:
     from safetensors.torch import save_file
 
     from hra_diffusion import HRAConfig, add_hra
+    from hra_diffusion.diffusion import noisy_latents
     from hra_diffusion.io import atomic_write
-    from hra_diffusion.training import (
-        ProgressFile,
-        TrainConfig,
-        TrainSpec,
-        make_accelerator,
-        noisy_latents,
-        train,
-        trainable_state,
-    )
+    from hra_diffusion.training import ProgressFile, TrainConfig, TrainSpec, make_accelerator, train, trainable_state
 
     out = Path(args.out_dir) / args.mode
     cfg = TrainConfig(

@@ -47,6 +47,7 @@ from hra_diffusion.pipelines import (
     attach_adapters,
     generate,
     load_pipeline,
+    pipeline_components,
     set_scheduler,
 )
 from hra_diffusion.training import ADAPTER_FILE
@@ -198,7 +199,7 @@ def generate_jobs(pipe, subjects: Mapping[str, Subject], adapters: Mapping[str, 
     current = None
     for job in tqdm(jobs, desc="generating", disable=None if show_progress else True):
         if job.subject != current:
-            for model in (pipe.unet, pipe.text_encoder):
+            for model in pipeline_components(pipe).values():
                 remove_hra(model)
             attach_adapters(pipe, [adapters[job.subject]], names=[job.subject])
             current = job.subject

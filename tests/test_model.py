@@ -216,3 +216,69 @@ def test_half_precision_base_keeps_fp32_adapter(tiny_unet, dtype):
             p.copy_(q)
     expected = run(reference, (x, t, c))
     assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def _step(unet, inputs):
+    """Outputs and HRA gradients of one forward+backward through the whole model (where the batching hook runs)."""
+    for p in hra_parameters(unet):
+        p.grad = None
+    out = unet(*inputs).sample
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in hra_parameters(unet)]
+
+
+def test_batched_factors_match_per_layer_ones(tiny_unet):
+    """The model-level hook computes all plain factors in one batched node; results must equal the per-layer path
+    (the layers alone, hooks removed), with gradient checkpointing too (its recomputation must see the same work)."""
+    from hra_diffusion.model import _remove_call_hooks
+
+    unet = tiny_unet()
+    add_hra(unet, HRAConfig(r=4))
+    add_hra(unet, HRAConfig(r=2, apply_GS=True, target_modules=("to_q",)), "gs")  # computed per layer, mixed in
+    for p in hra_parameters(unet):
+        p.requires_grad_(True)  # add_hra froze the first adapter: train both
+    perturb(unet)
+    inputs = unet_inputs()
+    layer = next(layer for _, layer in hra_layers(unet))
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(dict(module.call_factors)))
+    batched_out, batched_grads = _step(unet, inputs)
+    assert seen[-1] and set(seen[-1]) == {"default"}, "the plain adapter's factors came from the batch"
+
+    reference = tiny_unet()
+    add_hra(reference, HRAConfig(r=4))
+    add_hra(reference, HRAConfig(r=2, apply_GS=True, target_modules=("to_q",)), "gs")
+    reference.load_state_dict(unet.state_dict())
+    for p in hra_parameters(reference):
+        p.requires_grad_(True)
+    _remove_call_hooks(reference)
+    ref_out, ref_grads = _step(reference, inputs)
+    torch.testing.assert_close(batched_out, ref_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(batched_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+    unet.enable_gradient_checkpointing()  # recomputation in backward runs after the hook cleared the factors
+    unet.train()
+    ckpt_out, ckpt_grads = _step(unet, inputs)
+    torch.testing.assert_close(ckpt_out, batched_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ckpt_grads, batched_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_batched_factors_are_never_stale(tiny_unet):
+    unet = tiny_unet()
+    add_hra(unet, HRAConfig(r=4))
+    perturb(unet)
+    inputs = unet_inputs()
+    layer = next(layer for _, layer in hra_layers(unet))
+    before = run(unet, inputs)
+    assert layer.call_factors, "kept after the call (gradient checkpointing re-runs layers in backward)"
+    perturb(unet, seed=5)  # an optimizer-like in-place update: the kept factors no longer apply
+    x = torch.randn(3, layer.d_in)
+    v, s = hh.hra_factors(layer.hra_u["default"].detach())
+    expected = nn.functional.linear(hh.apply_transpose(x, v, s), layer.base_layer.weight, layer.base_layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert (run(unet, inputs) - before).abs().max() > 1e-4
+    remove_hra(unet)
+    assert not unet._forward_pre_hooks and not unet._forward_hooks, "a plain model again"

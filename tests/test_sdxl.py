@@ -9,9 +9,9 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
 from hra_diffusion import HRAConfig, add_hra, hra_adapters, read_hra_metadata, save_hra
+from hra_diffusion.diffusion import PromptEncoder, sdxl_time_ids
 from hra_diffusion.export import export_lora, export_merged
 from hra_diffusion.pipelines import ModelNotFoundError, attach_adapters, load_pipeline, pipeline_components
-from hra_diffusion.training import PromptEncoder, sdxl_time_ids
 
 GEN = {"prompt": "a photo of sks dog", "num_inference_steps": 2, "output_type": "latent", "height": 64, "width": 64}
 TE_PROBE = "text_model.encoder.layers.0.self_attn.q_proj"

@@ -40,6 +40,7 @@ from hra_diffusion.control import (
     save_control_adapter,
 )
 from hra_diffusion.data import ControlDataset, collate_control
+from hra_diffusion.diffusion import encode_latents, encode_prompts, load_base, noisy_latents
 from hra_diffusion.images import load_image
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
@@ -51,12 +52,8 @@ from hra_diffusion.training import (
     TrainResult,
     TrainSpec,
     add_training_args,
-    encode_latents,
-    encode_prompts,
     hra_config_from_args,
-    load_base,
     make_accelerator,
-    noisy_latents,
     run_cli,
     run_metadata,
     train,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hra_diffusion import add_hra
 from hra_diffusion.data import DreamBoothDataset, collate_dreambooth
+from hra_diffusion.diffusion import PromptEncoder, encode_latents, load_base, noisy_latents, sdxl_time_ids
 from hra_diffusion.images import require_images, scan_images
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
@@ -39,20 +40,15 @@ from hra_diffusion.training import (
     DTYPES,
     STOP,
     ProgressFile,
-    PromptEncoder,
     TrainConfig,
     TrainingError,
     TrainResult,
     TrainSpec,
     add_training_args,
-    encode_latents,
     hra_config_from_args,
-    load_base,
     make_accelerator,
-    noisy_latents,
     run_cli,
     run_metadata,
-    sdxl_time_ids,
     stop_agreed,
     train,
     weight_dtype,
