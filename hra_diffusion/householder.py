@@ -72,8 +72,8 @@ def plain_factors_batch(us: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
     """
     u = torch.stack(us)
     v, t = _PlainFactors.apply(u if u.dtype in (torch.float32, torch.float64) else u.float())
-    vt = v.mT.contiguous()
-    return [(vt[i].T, t[i]) for i in range(len(us))]
+    # unbind, not indexing: each indexed slice's backward would fill a zero tensor of the whole batch (quadratic)
+    return [(vt.T, s) for vt, s in zip(v.mT.contiguous().unbind(), t.unbind())]
 
 
 def orthonormal_basis(u: Tensor) -> Tensor:
