@@ -125,6 +125,9 @@ def _scheduler(prediction_type: str) -> DDIMScheduler:
     )
 
 
+TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1)
+
+
 def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
@@ -160,16 +163,11 @@ def _text_encoder(tokenizer: CLIPTokenizer, seed: int, projection_dim: int | Non
 def _build_sd(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=32,
     )
     return StableDiffusionPipeline(
         vae=_vae(seed, 0.18215),
@@ -188,11 +186,7 @@ def _build_sdxl(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> St
     as the added embedding, as in the full model (1280 + 6 x 256)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,
@@ -202,7 +196,6 @@ def _build_sdxl(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> St
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8,
-        norm_num_groups=32,
     )
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
