@@ -242,7 +242,7 @@ def random_init(d: int, r: int, generator: torch.Generator | None = None) -> Ten
     return (torch.rand(d, r, generator=generator) * 2 - 1) * bound
 
 
-def fractional_factors(v: Tensor, s: Tensor, strength: float) -> tuple[Tensor, Tensor]:
+def fractional_factors(v: Tensor, s: Tensor, strength: float | Tensor) -> tuple[Tensor, Tensor]:
     """(V', S') with I - V' S' V'^T = H^strength, the orthogonal interpolation between I (0) and H (1).
 
     H is the identity outside span(V) and maps it to itself, so H^a = I - Q (I - K^a) Q^T with Q an orthonormal
@@ -250,31 +250,46 @@ def fractional_factors(v: Tensor, s: Tensor, strength: float) -> tuple[Tensor, T
     angles theta: the symmetric part (K + K^T)/2 has eigenvalues cos(theta) on them, and on each plane the skew part
     is sin(theta) J, so K^a = cos(a theta) + sin(a theta) J there. Half turns (theta = pi, skew part 0) get a
     direction of our choosing, pair by pair. det H = -1 (plain HRA with odd r) leaves one unpaired -1: then no real
-    orthogonal H^a exists, and we say so.
+    orthogonal H^a exists, and we say so. Leading dimensions of V and S are a batch, ``strength`` a number or one
+    per item.
     """
-    if strength == 1.0:
+    if not isinstance(strength, Tensor) and strength == 1.0:
         return v, s
+    k = v.shape[-1]
+    a = torch.as_tensor(strength, dtype=torch.float64, device=v.device).expand(v.shape[:-2])[..., None]
     q = torch.linalg.qr(v.double(), mode="reduced")[0]
-    c = q.T @ v.double()
-    k = torch.eye(q.shape[1], dtype=q.dtype, device=q.device) - c @ s.double() @ c.T
-    cos_t, e = torch.linalg.eigh((k + k.T) / 2)
+    c = q.mT @ v.double()
+    eye = torch.eye(k, dtype=q.dtype, device=q.device)
+    rot = eye - c @ s.double() @ c.mT
+    cos_t, e = torch.linalg.eigh((rot + rot.mT) / 2)
     theta = torch.arccos(cos_t.clamp(-1, 1))
     sin_t = torch.sin(theta)
     half = (cos_t < 0) & (sin_t < 1e-7)
-    if int(half.sum()) % 2:
+    if (half.sum(dim=-1) % 2).any():
         raise ValueError(
             "this adapter is a reflection (det H = -1: plain HRA with odd r), so no real orthogonal fractional "
             "power exists; use strength 0 or 1, or train with an even r or apply_GS=True"
         )
-    ratio = torch.sin(strength * theta) / sin_t.clamp_min(1e-12)  # sin(a theta) / sin(theta), -> a as theta -> 0
-    scale = torch.where(sin_t > 1e-12, ratio, torch.full_like(theta, strength))
-    skew = e.T @ ((k - k.T) / 2) @ e
-    k_power = torch.diag(torch.cos(strength * theta)) + (scale[:, None] + scale[None, :]) / 2 * skew
-    idx = torch.nonzero(half).flatten().tolist()
-    ca, sa = torch.cos(torch.tensor(torch.pi * strength)), torch.sin(torch.tensor(torch.pi * strength))
-    for i, j in zip(idx[0::2], idx[1::2]):
-        k_power[i, :] = k_power[:, i] = k_power[j, :] = k_power[:, j] = 0
-        k_power[i, i] = k_power[j, j] = ca
-        k_power[j, i], k_power[i, j] = sa, -sa
-    eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
-    return q.to(v.dtype), (eye - e @ k_power @ e.T).to(v.dtype)
+    ratio = torch.sin(a * theta) / sin_t.clamp_min(1e-12)  # sin(a theta) / sin(theta), -> a as theta -> 0
+    scale = torch.where(sin_t > 1e-12, ratio, a.expand_as(theta))
+    skew = e.mT @ ((rot - rot.mT) / 2) @ e
+    k_power = torch.diag_embed(torch.cos(a * theta)) + (scale[..., :, None] + scale[..., None, :]) / 2 * skew
+    if half.any():  # rare (a vector turned exactly half-way): fix those planes item by item
+        flat, flat_half, flat_a = k_power.reshape(-1, k, k), half.reshape(-1, k), a.reshape(-1)
+        for b in torch.nonzero(flat_half.any(dim=-1)).flatten().tolist():
+            idx = torch.nonzero(flat_half[b]).flatten().tolist()
+            ca, sa = torch.cos(torch.pi * flat_a[b]), torch.sin(torch.pi * flat_a[b])
+            for i, j in zip(idx[0::2], idx[1::2]):
+                flat[b, i, :] = flat[b, :, i] = flat[b, j, :] = flat[b, :, j] = 0
+                flat[b, i, i] = flat[b, j, j] = ca
+                flat[b, j, i], flat[b, i, j] = sa, -sa
+        k_power = flat.reshape(k_power.shape)
+    return q.to(v.dtype), (eye - e @ k_power @ e.mT).to(v.dtype)
+
+
+def fractional_factors_batch(us: list[Tensor], strengths: list[float]) -> list[tuple[Tensor, Tensor]]:
+    """float32 factors of H^strength for many plain adapters of one shape (no graph: for sampling), computed in
+    float64 like the per-layer path, in one batch."""
+    v, t = _PlainFactors.apply(torch.stack(us).double())
+    v, s = fractional_factors(v, t, torch.tensor(strengths, dtype=torch.float64, device=v.device))
+    return [(vi.float(), si.float()) for vi, si in zip(v.unbind(), s.unbind())]

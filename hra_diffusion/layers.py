@@ -38,9 +38,9 @@ class HRALayer(nn.Module):
         self.strength: dict[str, float] = {}
         self.enabled = True
         self.form = "auto"
-        # name -> ((u's version, storage), with a graph?, factors), computed for the latest call of the whole model by
-        # the batching hook of hra_diffusion.model
-        self.call_factors: dict[str, tuple[tuple[int, int], bool, tuple[Tensor, Tensor]]] = {}
+        # name -> ((u's version, storage, strength), with a graph?, factors), computed for the latest call of the
+        # whole model by the batching hook of hra_diffusion.model
+        self.call_factors: dict[str, tuple[tuple[int, int, float], bool, tuple[Tensor, Tensor]]] = {}
 
     @property
     def d_in(self) -> int:
@@ -86,8 +86,9 @@ class HRALayer(nn.Module):
         about 1/sin(angle), and from float32 factors H^0.5 H^0.5 missed H by up to 1e-3 (strongly moved vectors).
         """
         u, u0 = self.hra_u[name], self.hra_u0[name] if name in self.hra_u0 else None
-        version, graph, factors = self.call_factors.get(name, (None, False, None))
-        if version == (u._version, u.data_ptr()) and (graph or not (torch.is_grad_enabled() and u.requires_grad)):
+        state, graph, factors = self.call_factors.get(name, (None, False, None))
+        current = (u._version, u.data_ptr(), self.strength[name])
+        if state == current and (graph or not (torch.is_grad_enabled() and u.requires_grad)):
             return factors
         strength = self.strength[name]
         if strength == 1.0:

@@ -257,7 +257,13 @@ def test_batched_factors_match_per_layer_ones(tiny_unet):
     for got, want in zip(batched_grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
-    unet.enable_gradient_checkpointing()  # recomputation in backward runs after the hook cleared the factors
+    for model in (unet, reference):  # sampling at fractional strengths: batched float64 eigen-work vs per layer
+        set_active_adapters(model, ["default", "gs"], [0.6, 0.4])
+    torch.testing.assert_close(run(unet, inputs), run(reference, inputs), rtol=1e-5, atol=1e-6)
+    assert seen[-1]["default"][2][0].shape == layer.hra_u["default"].shape, "the fractional factors came batched"
+    set_active_adapters(unet, ["default", "gs"])
+
+    unet.enable_gradient_checkpointing()  # its recomputation in backward must find the same work as the forward
     unet.train()
     ckpt_out, ckpt_grads = _step(unet, inputs)
     torch.testing.assert_close(ckpt_out, batched_out, rtol=1e-5, atol=1e-6)
@@ -280,5 +286,10 @@ def test_batched_factors_are_never_stale(tiny_unet):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
     assert (run(unet, inputs) - before).abs().max() > 1e-4
+    set_active_adapters(unet, ["default"], [0.5])  # a new strength: the kept factors no longer apply either
+    v, s = hh.fractional_factors(*hh.hra_factors(layer.hra_u["default"].detach().double()), 0.5)
+    expected = nn.functional.linear(hh.apply_transpose(x, v.float(), s.float()), layer.base_layer.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
     remove_hra(unet)
     assert not unet._forward_pre_hooks and not unet._forward_hooks, "a plain model again"
