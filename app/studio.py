@@ -7,6 +7,7 @@ two studios (two data folders) can live in one process. All maths is the library
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import sys
@@ -23,7 +24,7 @@ from hra_diffusion.control import CONTROL_KIND, make_condition
 from hra_diffusion.export import export_lora, export_merged, export_peft
 from hra_diffusion.images import ImageError, load_image
 from hra_diffusion.io import read_hra_metadata
-from hra_diffusion.pipelines import attach_adapters, load_pipeline, pipeline_components, unload_adapter
+from hra_diffusion.pipelines import attach_adapters, is_sdxl, load_pipeline, pipeline_components, unload_adapter
 from hra_diffusion.pipelines import generate as sample
 
 from .jobs import Job, JobQueue
@@ -136,7 +137,18 @@ class Studio:
         if self.demo:
             # It draws noise whatever the steps: small, quick previews keep the demo snappy on a CPU.
             return TrainSettings(steps=40, resolution=64, num_class_images=8, preview_steps=4)
-        return TrainSettings()
+        return TrainSettings(resolution=1024) if self._base_is_sdxl() else TrainSettings()
+
+    def _base_is_sdxl(self) -> bool:
+        """From the loaded pipeline, or before it is loaded from a local folder's model_index.json (a hub id then
+        counts as SD until the pipeline is there)."""
+        if self._pipe is not None:
+            return is_sdxl(self._pipe)
+        index = Path(self._base).expanduser() / "model_index.json"
+        try:
+            return json.loads(index.read_text()).get("_class_name", "").startswith("StableDiffusionXL")
+        except (OSError, ValueError):
+            return False
 
     def check_photos(self, paths: list[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
         """(usable photos, [{"file", "reason"}, ...]): every file is decoded once here, with the library's checks."""

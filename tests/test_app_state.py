@@ -426,3 +426,11 @@ def test_store_lists_unreadable_files_with_the_reason(tmp_path):
     [row] = store.list()
     assert row["name"] == "broken" and "not a readable safetensors file" in row["error"]
     assert store.unique_name("broken") == "broken-2" and store.unique_name("ü/..") == "adapter"
+
+
+def test_sdxl_base_defaults_to_1024_px(tiny_sdxl, tmp_path):
+    studio = Studio(tmp_path / "data", base_model=str(tiny_sdxl), warm=False)
+    try:
+        assert studio.defaults().resolution == 1024
+    finally:
+        studio.close()
