@@ -63,19 +63,6 @@ class _PlainFactors(torch.autograd.Function):
         return (dv - v * radial) / norm.clamp_min(EPS)
 
 
-def plain_factors_batch(us: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """hra_factors for many plain adapters of one shape, in one batched node instead of one per layer.
-
-    A UNet step pays the per-layer factor cost hundreds of times (560 layers on SDXL: 4% of a CPU step, measured);
-    batched it is paid once. Each V comes as the transpose of a contiguous (r, d) slice, the layout the
-    activation-side products want (see _ApplyTranspose), so they need no copy.
-    """
-    u = torch.stack(us)
-    v, t = _PlainFactors.apply(u if u.dtype in (torch.float32, torch.float64) else u.float())
-    # unbind, not indexing: each indexed slice's backward would fill a zero tensor of the whole batch (quadratic)
-    return [(vt.T, s) for vt, s in zip(v.mT.contiguous().unbind(), t.unbind())]
-
-
 def orthonormal_basis(u: Tensor) -> Tensor:
     """Q with orthonormal columns spanning span(U): Gram-Schmidt done stably, by QR."""
     return torch.linalg.qr(u, mode="reduced")[0]
@@ -85,16 +72,30 @@ def hra_factors(u: Tensor, u0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(V, S) with H = I - V S V^T, computed in float32 (or float64) whatever the model's dtype.
 
     ``u0`` given selects the strictly orthogonal variant (frozen initial vectors), see the module docstring.
+    Leading dimensions are a batch: (..., d, r) -> (..., d, k), (..., k, k).
     """
     if u.dtype not in (torch.float32, torch.float64):
         u = u.float()
     if u0 is None:
         return _PlainFactors.apply(u)
     q, q0 = orthonormal_basis(u), orthonormal_basis(u0.to(u.dtype))
-    r = q.shape[1]
-    eye = torch.eye(r, dtype=u.dtype, device=u.device)
-    s = torch.cat([torch.cat([2 * eye, -4 * (q.T @ q0)], dim=1), torch.cat([torch.zeros_like(eye), 2 * eye], dim=1)])
-    return torch.cat([q, q0], dim=1), s
+    r = q.shape[-1]
+    eye = torch.eye(r, dtype=u.dtype, device=u.device).expand(*q.shape[:-2], r, r)
+    top = torch.cat([2 * eye, -4 * (q.mT @ q0)], dim=-1)
+    bottom = torch.cat([torch.zeros_like(eye), 2 * eye], dim=-1)
+    return torch.cat([q, q0], dim=-1), torch.cat([top, bottom], dim=-2)
+
+
+def hra_factors_batch(us: list[Tensor], u0s: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """hra_factors for many adapters of one shape and kind, in one batched computation instead of one per layer.
+
+    A UNet step pays the per-layer factor cost hundreds of times (560 layers on SDXL: 4% of a CPU step, measured);
+    batched it is paid once. Each V comes as the transpose of a contiguous (k, d) slice, the layout the
+    activation-side products want (see _ApplyTranspose), so they need no copy. Slices come from ``unbind``: an
+    indexed slice's backward would fill a zero tensor of the whole batch, for each slice (quadratic).
+    """
+    v, s = hra_factors(torch.stack(us), None if u0s is None else torch.stack(u0s))
+    return [(vt.T, si) for vt, si in zip(v.mT.contiguous().unbind(), s.unbind())]
 
 
 def dense(v: Tensor, s: Tensor) -> Tensor:
@@ -287,9 +288,11 @@ def fractional_factors(v: Tensor, s: Tensor, strength: float | Tensor) -> tuple[
     return q.to(v.dtype), (eye - e @ k_power @ e.mT).to(v.dtype)
 
 
-def fractional_factors_batch(us: list[Tensor], strengths: list[float]) -> list[tuple[Tensor, Tensor]]:
-    """float32 factors of H^strength for many plain adapters of one shape (no graph: for sampling), computed in
+def fractional_factors_batch(
+    us: list[Tensor], strengths: list[float], u0s: list[Tensor] | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """float32 factors of H^strength for many adapters of one shape and kind (no graph: for sampling), computed in
     float64 like the per-layer path, in one batch."""
-    v, t = _PlainFactors.apply(torch.stack(us).double())
-    v, s = fractional_factors(v, t, torch.tensor(strengths, dtype=torch.float64, device=v.device))
+    v, s = hra_factors(torch.stack(us).double(), None if u0s is None else torch.stack(u0s).double())
+    v, s = fractional_factors(v, s, torch.tensor(strengths, dtype=torch.float64, device=v.device))
     return [(vi.float(), si.float()) for vi, si in zip(v.unbind(), s.unbind())]

@@ -86,35 +86,36 @@ def add_hra(
 
 
 def _prepare_call_factors(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a model with HRA layers: the factors of all its plain adapters, batched by shape.
+    """Forward pre-hook of a model with HRA layers: the factors of all its adapters, batched by shape and kind.
 
     One batched computation instead of one per layer and call (hundreds of tiny kernels: 4% of an SDXL training step
     on CPU, more where kernel launches dominate), and for sampling at a fractional strength one batched float64
-    eigen-decomposition instead of one per layer. Layers find theirs in ``call_factors`` and compute the others
-    (strictly orthogonal; fractional strength while training) themselves. The factors stay until the next call,
-    because gradient checkpointing re-runs the layers during backward and must see the same computation as the
-    forward did; a layer uses them only while its vectors keep the version they were computed from (an optimizer
-    step moves it on).
+    eigen-decomposition instead of one per layer. Layers find theirs in ``call_factors`` (and compute them
+    themselves when training at a fractional strength, or when called on their own). The factors stay until the
+    next call, because gradient checkpointing re-runs the layers during backward and must see the same computation
+    as the forward did; a layer uses them only while its vectors keep the version they were computed from (an
+    optimizer step moves it on).
     """
-    groups: dict[tuple, list[tuple[HRALayer, str, Tensor]]] = {}
+    groups: dict[tuple, list[tuple[HRALayer, str]]] = {}
     for _, layer in hra_layers(model):
         layer.call_factors.clear()
         for name in layer.pending():
             u, strength = layer.hra_u[name], layer.strength[name]
             graph = torch.is_grad_enabled() and u.requires_grad
-            if name in layer.hra_u0 or (strength != 1.0 and graph):  # these stay per layer
+            if strength != 1.0 and graph:  # training at a fractional strength: per layer, as it is rare
                 continue
-            key = (tuple(u.shape), u.device, u.dtype, graph, strength != 1.0)
-            groups.setdefault(key, []).append((layer, name, u))
-    for (*_, graph, fractional), entries in groups.items():
-        us = [u for _, _, u in entries]
+            key = (tuple(u.shape), u.device, u.dtype, graph, strength != 1.0, name in layer.hra_u0)
+            groups.setdefault(key, []).append((layer, name))
+    for (*_, graph, fractional, gs), entries in groups.items():
+        us = [layer.hra_u[name] for layer, name in entries]
+        u0s = [layer.hra_u0[name] for layer, name in entries] if gs else None
         if fractional:  # sampling at a strength: float64 eigen-work per layer, worth batching even for one
-            batch = hh.fractional_factors_batch(us, [layer.strength[name] for layer, name, _ in entries])
+            batch = hh.fractional_factors_batch(us, [layer.strength[name] for layer, name in entries], u0s)
         elif len(entries) > 1:
-            batch = hh.plain_factors_batch(us)
+            batch = hh.hra_factors_batch(us, u0s)
         else:
             continue
-        for (layer, name, u), factors in zip(entries, batch):
+        for (layer, name), u, factors in zip(entries, us, batch):
             layer.call_factors[name] = ((u._version, u.data_ptr(), layer.strength[name]), graph, factors)
 
 
