@@ -93,8 +93,8 @@ def _prepare_call_factors(model: nn.Module, args: tuple) -> None:
     eigen-decomposition instead of one per layer. Layers find theirs in ``call_factors`` (and compute them
     themselves when training at a fractional strength, or when called on their own). The factors stay until the
     next call, because gradient checkpointing re-runs the layers during backward and must see the same computation
-    as the forward did; a layer uses them only while its vectors keep the version they were computed from (an
-    optimizer step moves it on).
+    as the forward did; a layer uses them only while its vectors keep the version, storage and strength they were
+    computed from (an optimizer step moves the version on).
     """
     groups: dict[tuple, list[tuple[HRALayer, str]]] = {}
     for _, layer in hra_layers(model):

@@ -46,7 +46,7 @@ def test_sdxl_identity_at_start_then_file_round_trip(tiny_sdxl, tmp_path):
     fresh = load_pipeline(tiny_sdxl, device="cpu")
     attach_adapters(fresh, [path])
     assert all("subject" in hra_adapters(m) for m in pipeline_components(fresh).values())
-    torch.testing.assert_close(latents(fresh), expected, rtol=0, atol=1e-6)
+    assert_rel(latents(fresh), expected, tol=1e-6)  # the same computation: equal to float32 rounding
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
@@ -90,8 +90,8 @@ def test_prompt_encoder_matches_the_sdxl_pipeline(tiny_sdxl, cache):
     hidden, pooled = encoder(prompts, pipeline_components(pipe), torch.device("cpu"))
     with torch.no_grad():
         expected_hidden, _, expected_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
-    torch.testing.assert_close(hidden, expected_hidden, rtol=0, atol=1e-6)
-    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden, expected_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=1e-5, atol=1e-6)
 
     size_crop = torch.tensor([[700, 1200, 16, 88], [1024, 1024, 0, 0]])
     expected = [
