@@ -105,13 +105,13 @@ def dense(v: Tensor, s: Tensor) -> Tensor:
 
 def apply_transpose(x: Tensor, v: Tensor, s: Tensor) -> Tensor:
     """x H^T = x - ((x V) S^T) V^T: the activation-side form, what a layer with weight W H feeds its frozen W."""
-    if _autocast_enabled(x.device.type):  # let autocast pick each product's dtype, autograd follows
+    if autocast_enabled(x.device.type):  # let autocast pick each product's dtype, autograd follows
         z = (x @ v) @ s.T
         return torch.addmm(x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]), v.T, alpha=-1).view(x.shape)
     return _ApplyTranspose.apply(x, v, s)
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
@@ -161,7 +161,7 @@ def apply_transpose_linear(x: Tensor, v: Tensor, s: Tensor, weight: Tensor, bias
     autocast, takes the composed path.
     """
     trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
-    if trainable or _autocast_enabled(x.device.type):
+    if trainable or autocast_enabled(x.device.type):
         return torch.nn.functional.linear(apply_transpose(x, v, s), weight, bias)
     return _ApplyTransposeLinear.apply(x, v, s, weight, bias)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from .control import (
     detach_control,
     load_control_adapter,
 )
+from .householder import autocast_enabled
 from .io import load_hra, read_hra_metadata
 from .model import hra_adapters, remove_hra, set_active_adapters
 
@@ -173,6 +174,28 @@ def _is_control_file(path: Path) -> bool:
     return path.is_file() and read_hra_metadata(path).get("kind") == CONTROL_KIND
 
 
+@contextmanager
+def fp32_vae_decode(pipe) -> Iterator[None]:
+    """Under autocast (samples and class images during mixed-precision training), decode with the float32 VAE in
+    float32: SDXL's VAE overflows in fp16 and decodes black images, and the pipelines upcast it only when its
+    weights are fp16, not when autocast lowers a float32 VAE's convolutions."""
+    vae = pipe.vae
+    if vae.dtype != torch.float32 or not autocast_enabled(vae.device.type):
+        yield
+        return
+    decode = vae.decode
+
+    def decode_fp32(latents: torch.Tensor, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return decode(latents.float(), *args, **kwargs)
+
+    vae.decode = decode_fp32
+    try:
+        yield
+    finally:
+        del vae.decode  # the class's method again
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -204,7 +227,7 @@ def generate(
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
         size = (width or default, height or default)
         control = control_condition(pipe.unet, condition_tensor(control_image, size), control_scale)
-    with control:
+    with control, fp32_vae_decode(pipe):
         result = pipe(
             prompt=[prompt] * num_images,
             negative_prompt=[negative_prompt] * num_images if negative_prompt else None,

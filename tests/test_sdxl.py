@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from adapter_helpers import TE_TARGETS, UNET_TARGETS, adapted, assert_rel
@@ -11,7 +12,14 @@ from safetensors import safe_open
 from hra_diffusion import HRAConfig, add_hra, hra_adapters, read_hra_metadata, save_hra
 from hra_diffusion.diffusion import PromptEncoder, sdxl_time_ids
 from hra_diffusion.export import export_lora, export_merged
-from hra_diffusion.pipelines import ModelNotFoundError, attach_adapters, load_pipeline, pipeline_components
+from hra_diffusion.pipelines import (
+    ModelNotFoundError,
+    attach_adapters,
+    fp32_vae_decode,
+    generate,
+    load_pipeline,
+    pipeline_components,
+)
 
 GEN = {"prompt": "a photo of sks dog", "num_inference_steps": 2, "output_type": "latent", "height": 64, "width": 64}
 TE_PROBE = "text_model.encoder.layers.0.self_attn.q_proj"
@@ -101,3 +109,19 @@ def test_prompt_encoder_matches_the_sdxl_pipeline(tiny_sdxl, cache):
         for h, w, top, left in size_crop.tolist()
     ]  # fmt: skip
     assert torch.equal(sdxl_time_ids(size_crop, 512).float(), torch.stack(expected))
+
+
+def test_vae_decodes_in_fp32_under_autocast(tiny_sdxl):
+    """Mixed-precision validation and class images run under autocast; SDXL's float32 VAE must not be lowered to
+    fp16 there (it overflows: black images). The pipelines upcast only a VAE whose weights are fp16."""
+    pipe = load_pipeline(tiny_sdxl, device="cpu")
+    seen = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = generate(pipe, "a dog", steps=2, height=64, width=64, output_type="np")
+        with fp32_vae_decode(pipe):
+            pipe.vae.decode(torch.randn(1, 4, 32, 32))
+    assert seen == [torch.float32, torch.float32] and np.isfinite(images[0]).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pipe.vae.decode(torch.randn(1, 4, 32, 32))  # outside the context: autocast lowers it, as before
+    assert seen[-1] == torch.bfloat16 and "decode" not in vars(pipe.vae), "the VAE is left as it was"

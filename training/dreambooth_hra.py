@@ -34,7 +34,7 @@ from hra_diffusion.diffusion import PromptEncoder, encode_latents, load_base, no
 from hra_diffusion.images import require_images, scan_images
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
-from hra_diffusion.pipelines import generate, is_sdxl, pipeline_components
+from hra_diffusion.pipelines import fp32_vae_decode, generate, is_sdxl, pipeline_components
 from hra_diffusion.training import (
     ADAPTER_FILE,
     DTYPES,
@@ -141,13 +141,14 @@ def generate_class_images(pipe, args: argparse.Namespace, accelerator, seed: int
     logger.info("class images: %d in %s, generating %d with the base model", present, folder, missing)
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     dtype = DTYPES["no" if precision == "fp32" else precision]
+    autocast = torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(total=len(mine), desc="class images", disable=not accelerator.is_local_main_process)
     for start in range(0, len(mine), args.sample_batch_size):
         if STOP.requested:
             break
         batch = mine[start : start + args.sample_batch_size]
         generators = [torch.Generator("cpu").manual_seed(_name_seed(seed, name)) for name in batch]
-        with torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast, fp32_vae_decode(pipe):
             images = pipe(
                 prompt=[args.class_prompt] * len(batch),
                 num_inference_steps=args.num_class_inference_steps,
