@@ -14,9 +14,12 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .cli import HelpFormatter
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -68,6 +71,16 @@ def make_shapes_dataset(out_dir: str | Path, n: int = 16, size: int = 64, seed: 
     """
     if n < 1 or size < 8:
         raise ValueError(f"need n >= 1 and size >= 8, got n={n}, size={size}")
+    rng = random.Random(seed)
+    return write_control_dataset(out_dir, (_draw_sample(rng, size) for _ in range(n)))
+
+
+def write_control_dataset(out_dir: str | Path, samples: Iterable[tuple[Image.Image, Image.Image | None, str]]) -> Path:
+    """Write (image, condition map or None, caption) samples as the imagefolder ControlDataset reads; atomic.
+
+    Without condition maps the ``conditioning_image`` column is left out, and the control trainer computes the maps
+    from the images (``--control_type canny``).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder; remove it or pick another path")
@@ -75,15 +88,15 @@ def make_shapes_dataset(out_dir: str | Path, n: int = 16, size: int = 64, seed: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         (tmp / "images").mkdir()
-        (tmp / "conditioning_images").mkdir()
-        rng = random.Random(seed)
         rows = []
-        for i in range(n):
-            image, edges, text = _draw_sample(rng, size)
+        for i, (image, condition, text) in enumerate(samples):
             name = f"{i:04d}.png"
-            row = {"image": f"images/{name}", "conditioning_image": f"conditioning_images/{name}", "text": text}
+            row = {"image": f"images/{name}", "text": text}
             image.save(tmp / row["image"])
-            edges.save(tmp / row["conditioning_image"])
+            if condition is not None:
+                row["conditioning_image"] = f"conditioning_images/{name}"
+                (tmp / "conditioning_images").mkdir(exist_ok=True)
+                condition.save(tmp / row["conditioning_image"])
             rows.append(row)
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         tmp.chmod(0o755)  # mkdtemp creates 0700; the result is an ordinary shared folder.
@@ -97,7 +110,10 @@ def make_shapes_dataset(out_dir: str | Path, n: int = 16, size: int = 64, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a small fill50k-style shapes/edges control dataset.")
+    parser = argparse.ArgumentParser(
+        description="Write a small fill50k-style shapes/edges control dataset.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--n", type=int, default=16, help="number of samples")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")

@@ -32,6 +32,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .cli import HelpFormatter
+
 MARKER = "tiny_sd.json"  # written last into every folder this module builds
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # 48,894: what OpenAI CLIP (and SD1.5) use of the 262k-line BPE file
@@ -112,7 +114,7 @@ def clip_tokenizer(out_dir: Path | None = None) -> CLIPTokenizer:
         return tokenizer
 
 
-def _scheduler(prediction_type: str) -> DDIMScheduler:
+def ddim_scheduler(prediction_type: str) -> DDIMScheduler:
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -174,7 +176,7 @@ def _build_sd(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> Stab
         text_encoder=_text_encoder(tokenizer, seed),
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(prediction_type),
+        scheduler=ddim_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -316,7 +318,10 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike, controlnet: bool = True) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hra_diffusion.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hra_diffusion.tiny", description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to")
     parser.add_argument("--controlnet", action="store_true", help="also write OUT_DIR/controlnet")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
