@@ -17,6 +17,7 @@ from pathlib import Path
 from eval.images import list_images, load_images
 from eval.metrics import canny_iou_f1
 from eval.score import write_json_atomic
+from hra_diffusion.cli import HelpFormatter
 
 METRICS = ("canny_iou", "canny_f1")
 
@@ -76,7 +77,10 @@ def markdown_table(aggregate: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.control_score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.control_score", description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--conditions", required=True, help="folder of control source images (not edge maps)")
     parser.add_argument("--generated", required=True, help="folder of generated images, same file names")
     parser.add_argument("--out", help="JSON report path")

@@ -40,6 +40,7 @@ from eval.metrics import CLIPScorer, DINOScorer, LPIPSScorer, ModelLoadError
 from eval.prompts import DEFAULT_TOKEN, Subject, load_benchmark, shard
 from eval.score import METRICS, ScorerSettings, add_scorer_arguments, markdown_table, score_images, write_json_atomic
 from hra_diffusion import AdapterFileError, read_hra_metadata, remove_hra
+from hra_diffusion.cli import HelpFormatter
 from hra_diffusion.io import atomic_write
 from hra_diffusion.pipelines import (
     SCHEDULERS,
@@ -378,7 +379,10 @@ def run(args: argparse.Namespace) -> dict | None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="eval/dreambooth_benchmark.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="eval/dreambooth_benchmark.py", description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--dataset_dir", type=Path, required=True,
                         help="DreamBooth-format folder: one folder of photos per subject + prompts_and_classes.txt")
     parser.add_argument("--adapters_dir", type=Path, required=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import lpips
@@ -70,11 +70,11 @@ class DINOScorer:
         except OSError as error:
             raise _load_error("DINO model", model, "Pass --dino_model with a local copy (a folder written by "
                               "save_pretrained, or the Hugging Face snapshot folder).", error) from error
-        # Without a processor: the standard DINO evaluation transform, scaled to the model's input size.
+        # Without a processor: what facebook/dino-vits16's ViTImageProcessor does (a plain bilinear resize to the
+        # input size, no crop), so a folder without preprocessor_config.json scores like the hub model.
         size = self.model.config.image_size
         self.transform = transforms.Compose([
-            transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(size),
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
@@ -99,17 +99,23 @@ class DINOScorer:
 
 
 class CLIPScorer:
-    """CLIP-I (image-image) and CLIP-T (image-prompt) cosines with an open_clip model.
+    """CLIP-I (image-image) and CLIP-T (image-prompt) cosines with an open_clip model or a transformers CLIP folder.
 
-    `pretrained` is an open_clip tag, a local checkpoint file, or None for random weights (tests). Tags trained
-    with QuickGELU (OpenAI's) get it automatically; for a local copy of OpenAI weights name the architecture
-    `ViT-L-14-quickgelu`, since a file does not say which activation it was trained with.
+    `model` is an open_clip architecture name (with `pretrained` an open_clip tag, a local checkpoint file, or None
+    for random weights in tests), or a local folder written by transformers' `CLIPModel.save_pretrained` with its
+    tokenizer and image processor (the demo world's scorer, or a snapshot of openai/clip-vit-large-patch14);
+    `pretrained` is then not used. Tags trained with QuickGELU (OpenAI's) get it automatically; for a local
+    open_clip copy of OpenAI weights name the architecture `ViT-L-14-quickgelu`, since a file does not say which
+    activation it was trained with.
     """
 
     def __init__(self, model: str = "ViT-L-14", pretrained: str | None = "openai",
                  device: str | torch.device | None = None, batch_size: int = 32) -> None:
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        if (Path(model) / "config.json").is_file():
+            self._load_transformers(Path(model))
+            return
         quick_gelu = bool(pretrained) and open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False)
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -120,6 +126,25 @@ class CLIPScorer:
                               "checkpoint file and --clip_model with its architecture (ViT-L-14-quickgelu for a "
                               "copy of OpenAI's ViT-L/14).", error) from error
         self.model.eval()
+        self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
+
+    def _load_transformers(self, folder: Path) -> None:
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        try:
+            model = CLIPModel.from_pretrained(folder).to(self.device).eval()
+            processor = CLIPImageProcessor.from_pretrained(folder)
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not load the CLIP folder {str(folder)!r} ({type(error).__name__}: "
+                                 f"{error}); it needs CLIPModel weights, a tokenizer and an image processor, as "
+                                 "CLIPModel/CLIPTokenizer/CLIPImageProcessor.save_pretrained write them") from error
+        self.model = model
+        self.preprocess = lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
+        self.tokenizer = lambda texts: tokenizer(texts, padding="max_length", truncation=True,
+                                                 max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        self._encode_image = lambda pixels: _features(model.get_image_features(pixel_values=pixels))
+        self._encode_text = lambda ids: _features(model.get_text_features(input_ids=ids))
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -127,7 +152,7 @@ class CLIPScorer:
         rows = []
         for batch in _batches(images, self.batch_size, "CLIP images"):
             pixels = torch.stack([self.preprocess(image) for image in batch]).to(self.device)
-            rows.append(F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu())
+            rows.append(F.normalize(self._encode_image(pixels).float(), dim=-1).cpu())
         return torch.cat(rows)
 
     @torch.inference_mode()
@@ -136,7 +161,7 @@ class CLIPScorer:
         rows = []
         for batch in _batches(texts, self.batch_size, "CLIP texts"):
             tokens = self.tokenizer(list(batch)).to(self.device)
-            rows.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+            rows.append(F.normalize(self._encode_text(tokens).float(), dim=-1).cpu())
         return torch.cat(rows)
 
     def image_similarity(self, real: Sequence[Image.Image], generated: Sequence[Image.Image]) -> torch.Tensor:
@@ -150,10 +175,16 @@ class CLIPScorer:
         return (self.embed_images(generated) * self.embed_texts(prompts)).sum(dim=-1)
 
 
+def _features(output: torch.Tensor | Any) -> torch.Tensor:
+    """transformers 4 returns the projected embeddings, 5 an output object holding them as `pooler_output`."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def _square(image: Image.Image, size: int) -> Image.Image:
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    # Bilinear, as the reference evaluation resizes for LPIPS.
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
 
 
 class LPIPSScorer:

@@ -23,6 +23,7 @@ from eval.images import load_images
 from eval.metrics import CLIPScorer, DINOScorer, LPIPSScorer, ModelLoadError
 from eval.prompts import load_benchmark
 from eval.score import ScorerSettings, add_scorer_arguments, markdown_table, write_json_atomic
+from hra_diffusion.cli import HelpFormatter
 
 PAIR_METRICS = ("dino", "clip_i", "lpips")
 
@@ -64,7 +65,10 @@ def score_real_images(dataset_dir: str | Path, settings: ScorerSettings, subject
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.real_images", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.real_images", description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--dataset_dir", required=True, help="DreamBooth-format folder (subject folders + "
                         "prompts_and_classes.txt)")
     parser.add_argument("--subjects", nargs="+", help="only these subjects (default: every subject folder present)")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from eval.images import list_images, load_images
 from eval.metrics import CLIPScorer, DINOScorer, LPIPSScorer, ModelLoadError
+from hra_diffusion.cli import HelpFormatter
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips")
 
@@ -51,6 +52,12 @@ class ScorerSettings:
                 CLIPScorer(self.clip_model, self.clip_pretrained, device=self.device, batch_size=self.batch_size),
                 LPIPSScorer(self.lpips_net, device=self.device, pretrained_backbone=self.lpips_pretrained_backbone,
                             size=self.lpips_size, batch_size=self.batch_size))
+
+    def random_networks(self) -> list[str]:
+        """The scores that come from random weights (offline tests), so reports can say they mean nothing."""
+        random_clip = self.clip_pretrained is None and not (Path(self.clip_model) / "config.json").is_file()
+        return [name for name, random in (("CLIP-I/CLIP-T", random_clip),
+                                          ("LPIPS", not self.lpips_pretrained_backbone)) if random]
 
     def describe(self) -> dict:
         """The settings that change scores, for reports (the device and batch size do not)."""
@@ -169,7 +176,10 @@ def markdown_table(aggregate: Mapping[str, float], leading: Mapping[str, str] | 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.score", description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--real", required=True, help="folder of real (reference) images")
     parser.add_argument("--generated", required=True, help="folder of generated images")
     parser.add_argument("--prompts", help="CLIP-T prompts: JSON {file name: prompt} or one line per image")
@@ -183,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(report["aggregate"]))
+    if settings.random_networks():
+        print(f"\nWARNING: {' and '.join(settings.random_networks())} come from networks with random weights here "
+              "(--clip_pretrained none / --lpips_random_backbone): those numbers mean nothing.", file=sys.stderr)
     print(f"\n{report['num_generated']} generated vs {report['num_real']} real images; report: {args.out}")
     return 0
 

@@ -1,0 +1,233 @@
+"""What the demo world shows, measured: the base model draws what prompts say, an HRA adapter binds its subject,
+a control adapter makes images follow edges. The tests (tests/test_demo_world.py) and the docs' numbers use these.
+
+    python -m eval.demo_world base                                   # prompt retrieval and the color check
+    python -m eval.demo_world subject --subject star_toy --adapter out/hra_adapter.safetensors
+    python -m eval.demo_world control --adapter out/hra_control.safetensors
+
+Scores use the world's own scorers through the usual metric classes: CLIP-I and CLIP-T with its CLIP
+(`scorer/clip`), the DINO score with its ViT (`scorer/dino`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eval.images import load_images
+from eval.metrics import CLIPScorer, DINOScorer, canny_iou_f1
+from eval.prompts import Subject, load_benchmark
+from hra_diffusion.cli import HelpFormatter
+from hra_diffusion.demo_world import UNIQUE_TOKEN, DemoWorld, find_demo_world
+from hra_diffusion.model import hra_adapters, set_active_adapters
+from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline, pipeline_components
+
+# Ten prompts that differ in class, color and scene: retrieval among them is 10% by chance.
+PROBE_PROMPTS = (
+    "a photo of a red ball on the grass",
+    "a photo of a blue cube in the snow",
+    "a photo of a yellow cup on the beach",
+    "a photo of a green toy in a room",
+    "a photo of a white house in the forest",
+    "a photo of a black dog in the city",
+    "a photo of an orange ball in the sky",
+    "a photo of a purple cube on the water",
+    "a photo of a red house on the beach",
+    "a photo of a blue dog on the grass",
+)
+COLOR_PROMPTS = ("a photo of a red ball on the grass", "a photo of a blue ball on the grass")
+SAMPLING = dict(steps=25, guidance=7.5)
+
+
+@dataclass
+class World:
+    """A loaded demo world: its pipeline (float32, CPU unless asked) and its two scorers."""
+
+    paths: DemoWorld
+    pipe: object
+    clip: CLIPScorer
+    dino: DINOScorer
+
+    @classmethod
+    def load(cls, paths: DemoWorld | None = None, device: str = "cpu") -> World:
+        paths = paths or find_demo_world()
+        if paths is None:
+            raise FileNotFoundError("the demo world is not built: run `python -m hra_diffusion.demo_world build "
+                                    "assets/demo_world`, or set HRA_DEMO_WORLD to a built one")
+        return cls(paths, load_pipeline(paths.base, device=device), CLIPScorer(str(paths.clip), device=device),
+                   DINOScorer(str(paths.dino), device=device))
+
+    def images(self, prompt: str, seeds: Sequence[int], **kwargs) -> list[Image.Image]:
+        settings = {**SAMPLING, **kwargs}
+        return [generate(self.pipe, prompt, seed=seed, **settings)[0] for seed in seeds]
+
+    def use(self, adapters: Sequence[Path], strengths: Sequence[float] | None = None) -> None:
+        """Exactly these adapters active (none: the base model)."""
+        if adapters:
+            attach_adapters(self.pipe, list(adapters), strengths=strengths)
+        else:
+            for model in pipeline_components(self.pipe).values():
+                if hra_adapters(model):
+                    set_active_adapters(model, [])
+
+
+def prompt_following(world: World, seeds: Sequence[int] = (0, 1, 2)) -> dict:
+    """Top-1 retrieval of each image's own prompt among PROBE_PROMPTS (CLIP-T), and the color check in pixels."""
+    texts = world.clip.embed_texts(list(PROBE_PROMPTS))
+    hits, total = 0, 0
+    for i, prompt in enumerate(PROBE_PROMPTS):
+        scores = world.clip.embed_images(world.images(prompt, seeds)) @ texts.T
+        hits += int((scores.argmax(dim=1) == i).sum())
+        total += len(seeds)
+    redness = {prompt: [_redness(im) for im in world.images(prompt, seeds)] for prompt in COLOR_PROMPTS}
+    red, blue = (np.array(redness[p]) for p in COLOR_PROMPTS)
+    return {"retrieval_top1": hits / total, "chance": 1 / len(PROBE_PROMPTS), "images": total,
+            "redness_red_prompt": float(red.mean()), "redness_blue_prompt": float(blue.mean()),
+            "red_redder_per_seed": float((red > blue).mean())}
+
+
+def _redness(image: Image.Image) -> float:
+    """Mean of R - B over the picture, in 0-255 units."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return float((array[..., 0] - array[..., 2]).mean())
+
+
+def subject_fidelity(world: World, subject: Subject, adapter: Path | None, seeds: Sequence[int] = (0, 1),
+                     prompts: Sequence[str] | None = None, strength: float = 1.0) -> dict:
+    """DINO, CLIP-I (means over every generated x real pair) and CLIP-T over the subject's prompts."""
+    world.use([adapter] if adapter else [], [strength])
+    prompts = list(prompts or subject.prompts)
+    real = load_images(subject.image_paths)
+    generated, texts = [], []
+    for prompt in prompts:
+        generated += world.images(prompt, seeds)
+        texts += [prompt] * len(seeds)
+    return {"dino": float(world.dino.similarity(real, generated).mean()),
+            "clip_i": float(world.clip.image_similarity(real, generated).mean()),
+            "clip_t": float(world.clip.text_similarity(generated, texts).mean()),
+            "images": len(generated)}
+
+
+def class_preservation(world: World, subject: Subject, adapter: Path, seeds: Sequence[int] = (0, 1, 2, 3)) -> dict:
+    """For the class prompt ("a photo of a toy"): how far the adapter moves its images from the base model's (DINO
+    cosine of same-seed pairs) and how much like the subject they become (DINO to the subject's photos)."""
+    prompt = f"a photo of a {subject.class_name}"
+    real = load_images(subject.image_paths)
+    world.use([])
+    base = world.images(prompt, seeds)
+    world.use([adapter])
+    tuned = world.images(prompt, seeds)
+    pairs = (world.dino.embed(base) * world.dino.embed(tuned)).sum(dim=1)
+    return {"base_vs_adapter_dino": float(pairs.mean()),
+            "subject_likeness_base": float(world.dino.similarity(real, base).mean()),
+            "subject_likeness_adapter": float(world.dino.similarity(real, tuned).mean())}
+
+
+def control_following(world: World, adapter: Path, n: int = 12, seed: int = 2) -> dict:
+    """Edge IoU/F1 between held-out world pictures and images generated from their Canny maps and captions, with the
+    control adapter and without (the base model on the caption alone)."""
+    from hra_diffusion.control import make_condition
+    from hra_diffusion.demo_world.scene import world_sample
+
+    samples = [world_sample(i, seed) for i in range(n)]
+    scores: dict[str, list[tuple[float, float]]] = {"controlled": [], "uncontrolled": []}
+    for i, (image, text, _) in enumerate(samples):
+        condition = make_condition(image, "canny")
+        world.use([])
+        plain = world.images(text, [i])[0]
+        world.use([adapter])
+        controlled = generate(world.pipe, text, seed=i, control_image=condition, **SAMPLING)[0]
+        scores["uncontrolled"].append(canny_iou_f1(image, plain))
+        scores["controlled"].append(canny_iou_f1(image, controlled))
+    return {f"{kind}_{name}": float(np.mean([s[k] for s in values]))
+            for kind, values in scores.items() for k, name in enumerate(("iou", "f1"))}
+
+
+FIGURE_PROMPTS = (0, 2, 8, 9, 12)  # indices into the subject's prompts: scenes, a hat, a color change
+
+
+def figure(world: World, subject: Subject, adapter: Path, prompt_indices: Sequence[int] = FIGURE_PROMPTS,
+           seed: int = 0, scale: int = 2) -> Image.Image:
+    """The README's picture: the subject's photos, then the base model and the adapter on the same prompts and
+    seed, one column per prompt, each row labelled."""
+    from PIL import ImageDraw
+
+    prompts = [subject.prompts[i] for i in prompt_indices]
+    photos = load_images(subject.image_paths)
+    world.use([])
+    base = [world.images(p, [seed])[0] for p in prompts]
+    world.use([adapter])
+    tuned = [world.images(p, [seed])[0] for p in prompts]
+    cell, label_w, text_h = 64 * scale, 150, 30
+    columns = max(len(photos), len(prompts))
+    sheet = Image.new("RGB", (label_w + columns * cell, 3 * cell + text_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    rows = (("subject photos", photos, None), ("base model", base, prompts), ("after HRA", tuned, None))
+    y = 0
+    for label, images, captions in rows:
+        if captions:  # the prompts above the two generated rows
+            for c, text in enumerate(captions):
+                words = text.split()
+                half = (len(words) + 1) // 2
+                draw.multiline_text((label_w + c * cell + 2, y), " ".join(words[:half]) + "\n" +
+                                    " ".join(words[half:]), fill="black", spacing=1)
+            y += text_h
+        draw.text((4, y + cell // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (label_w + c * cell, y))
+        y += cell
+    return sheet
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.demo_world", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("base", help="does the base model draw what prompts say")
+    s = sub.add_parser("subject", help="subject fidelity of an adapter against the base model")
+    s.add_argument("--subject", required=True, help="a demo subject's name (assets/demo_world/subjects)")
+    s.add_argument("--adapter", type=Path, required=True, help="the subject's HRA adapter file")
+    s.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    c = sub.add_parser("control", help="edge IoU/F1 with and without a control adapter")
+    c.add_argument("--adapter", type=Path, required=True, help="the control adapter file")
+    c.add_argument("--n", type=int, default=12, help="held-out world pictures")
+    f = sub.add_parser("figure", help="photos, base model and adapter side by side (the README's picture)")
+    f.add_argument("--subject", required=True)
+    f.add_argument("--adapter", type=Path, required=True)
+    f.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    try:
+        world = World.load()
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "base":
+        report = prompt_following(world)
+    elif args.command == "subject":
+        subject = load_benchmark(world.paths.subjects, UNIQUE_TOKEN, [args.subject])[0]
+        seeds = range(args.seeds)
+        report = {"base": subject_fidelity(world, subject, None, seeds),
+                  "adapter": subject_fidelity(world, subject, args.adapter, seeds),
+                  "class_prompt": class_preservation(world, subject, args.adapter)}
+    elif args.command == "control":
+        report = control_following(world, args.adapter, args.n)
+    else:
+        subject = load_benchmark(world.paths.subjects, UNIQUE_TOKEN, [args.subject])[0]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        figure(world, subject, args.adapter).save(args.out)
+        report = {"figure": str(args.out)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
