@@ -30,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hra_diffusion.cli import HelpFormatter  # noqa: E402
 from hra_diffusion.config import HRAConfig  # noqa: E402
 from hra_diffusion.layers import HRALayer  # noqa: E402
 
@@ -233,7 +234,9 @@ def plot(result: dict, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=15, help="round-robin rounds; the median over them is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))

@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hra_diffusion.cli import HelpFormatter  # noqa: E402
 from hra_diffusion.tiny import SD15_UNET_CONFIG  # noqa: E402
 
 MODES = ("hra", "lora")
@@ -180,7 +181,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--r", type=int, default=8)

@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hra_diffusion.cli import HelpFormatter  # noqa: E402
 from hra_diffusion.tiny import SD15_UNET_CONFIG, SDXL_UNET_CONFIG  # noqa: E402
 
 MODES = ["frozen", "lora", "hra_peft", "ours"]
@@ -314,7 +315,9 @@ def markdown(results: dict[str, dict], cuda: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--arch", default="sd15", choices=sorted(ARCHS), help="the UNet architecture")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode, after --warmup")

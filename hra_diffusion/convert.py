@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .export import export_lora, export_merged, export_peft
+from .cli import HelpFormatter
+from .export import export_lora, export_merged, export_peft, lora_file
 from .io import AdapterFileError, AdapterMismatchError, load_hra
 from .model import hra_adapters, set_active_adapters
 from .pipelines import load_pipeline, pipeline_components
@@ -32,6 +33,9 @@ def convert(
     """Load ``source`` onto the base pipeline and write it as ``to``; returns what was written."""
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
+    target = lora_file(out) if to.startswith("lora-") else Path(out)
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise FileExistsError(f"{target} already exists; choose another OUT (or delete it first)")
     pipe = load_pipeline(base_model, device="cpu")  # SD 1.x/2.x or SDXL; clear errors for missing models
     components = pipeline_components(pipe)
     load_hra(components, source, adapter_name)
@@ -49,7 +53,10 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hra_diffusion.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hra_diffusion.convert", description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("source", metavar="IN", help="HRA Studio adapter file (.safetensors) or peft HRA folder")
     parser.add_argument(
         "out",

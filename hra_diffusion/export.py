@@ -126,7 +126,7 @@ def export_peft(
     return _atomic_folder(out_dir, write)
 
 
-def _lora_file(path: str | os.PathLike) -> Path:
+def lora_file(path: str | os.PathLike) -> Path:
     """``x.safetensors`` is the file itself; anything else is a folder holding pytorch_lora_weights.safetensors.
 
     A folder with that exact name is what ``pipe.load_lora_weights(folder)`` finds without a weight_name (it is also
@@ -232,7 +232,7 @@ def export_lora(
         "hra_base_sha256": json.dumps({comp: part["base_sha256"] for comp, part in info.items()}, sort_keys=True),
         "hra_note": LORA_NOTE,
     }
-    return atomic_write(_lora_file(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(lora_file(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _is_sdxl(components: Mapping[str, nn.Module]) -> bool:

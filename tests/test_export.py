@@ -284,3 +284,18 @@ def test_convert_cli(tiny_sd, tiny_unet, tmp_path, capsys):
     assert result.returncode == 2, result.stderr
     assert "different model" in result.stderr and "attn2.to_k: stored (out, in) (32, 48)" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_convert_refuses_an_existing_output_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """The check used to come after loading the base pipeline (minutes for SDXL); now it comes first."""
+    import hra_diffusion.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    existing = tmp_path / "lora.safetensors"
+    existing.write_bytes(b"mine")
+    for out, to in ((existing, "lora-kohya"), (tmp_path, "lora-diffusers"), (tmp_path, "merged")):
+        if to == "lora-diffusers":
+            (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"mine")
+        assert convert_main(["in.safetensors", str(out), "--to", to, "--base-model", "unused"]) == 2
+        assert "already exists" in capsys.readouterr().err
+    assert existing.read_bytes() == b"mine"
