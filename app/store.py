@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hra_diffusion.io import AdapterFileError, atomic_write, read_hra_metadata
+from hra_diffusion.io import atomic_write, read_hra_metadata
 
 SUFFIX = ".safetensors"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}")
@@ -53,7 +53,7 @@ class AdapterStore:
     def names(self) -> list[str]:
         """Adapter names, newest first."""
         files = [p for p in self.root.glob(f"*{SUFFIX}") if NAME_RE.fullmatch(p.stem)]
-        return [p.stem for p in sorted(files, key=lambda p: -p.stat().st_mtime)]
+        return [p.stem for p in sorted(files, key=lambda p: -p.lstat().st_mtime)]  # lstat: a dangling link has no stat
 
     def unique_name(self, wanted: str) -> str:
         """``wanted`` (made valid), or ``wanted-2``, ``wanted-3``, ... if taken."""
@@ -85,12 +85,13 @@ class AdapterStore:
         }
 
     def list(self) -> list[dict[str, Any]]:
-        """Every readable adapter; an unreadable file is listed with the reason instead of hiding it."""
+        """Every readable adapter; an unreadable file (or a link leading outside the folder) is listed with the reason
+        instead of hiding it or breaking the whole list."""
         rows = []
         for name in self.names():
             try:
                 rows.append(self.info(name))
-            except (AdapterFileError, ValueError, KeyError) as err:
+            except (ValueError, OSError) as err:  # AdapterFileError is a ValueError; inside() raises PermissionError
                 rows.append({"name": name, "error": str(err)})
         return rows
 

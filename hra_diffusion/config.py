@@ -30,12 +30,19 @@ class HRAConfig:
     init: str = "identity"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.target_modules, str):
-            self.target_modules = tuple(self.target_modules)
-        if not isinstance(self.exclude_modules, str):
-            self.exclude_modules = tuple(self.exclude_modules)
-        if not isinstance(self.r, int) or self.r < 1:
+        # types checked too: configs also come from adapter files, where "apply_GS": "no" would read as True
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"HRAConfig.{name} must be a string or a list of strings, got {value!r}")
+                setattr(self, name, tuple(value))
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"HRAConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.apply_GS, bool):
+            raise ValueError(f"HRAConfig.apply_GS must be true or false, got {self.apply_GS!r}")
+        if isinstance(self.lambda_orth, bool) or not isinstance(self.lambda_orth, (int, float)):
+            raise ValueError(f"HRAConfig.lambda_orth must be a number, got {self.lambda_orth!r}")
         if self.init not in ("identity", "random"):
             raise ValueError(f"HRAConfig.init must be 'identity' or 'random', got {self.init!r}")
         if self.init == "identity" and self.r % 2 and not self.apply_GS:
@@ -44,8 +51,8 @@ class HRAConfig:
                 f"has determinant -1, so it is never the identity. Use an even r (e.g. r={self.r + 1}), "
                 "apply_GS=True (identity start for any r), or init='random' to accept a non-identity start."
             )
-        if self.lambda_orth < 0:
-            raise ValueError(f"HRAConfig.lambda_orth must be >= 0, got {self.lambda_orth}")
+        if not 0 <= self.lambda_orth < float("inf"):
+            raise ValueError(f"HRAConfig.lambda_orth must be a finite number >= 0, got {self.lambda_orth}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -53,9 +60,8 @@ class HRAConfig:
     @classmethod
     def from_json(cls, text: str) -> HRAConfig:
         data = json.loads(text)
-        for key in ("target_modules", "exclude_modules"):
-            if isinstance(data.get(key), list):
-                data[key] = tuple(data[key])
+        if not isinstance(data, dict):
+            raise ValueError(f"an HRAConfig is a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -16,6 +16,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# Training scales the short side up to the resolution, so a 1x40000 strip (a few hundred bytes) would become
+# 512x20 million pixels; no usable photo is this thin.
+MAX_ASPECT_RATIO = 20
 SIDECAR_SUFFIXES = frozenset({".txt", ".caption", ".json", ".jsonl"})
 # Files that OS file managers drop into photo folders; never images, never worth a warning.
 _JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini"})
@@ -37,8 +40,9 @@ class ImageError(ValueError):
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``path`` into an upright 8-bit RGB image, or raise :class:`ImageError` saying why not.
 
-    The pixel count is checked from the header before decoding so a decompression bomb never allocates; the image
-    is fully decoded here so truncated files fail now rather than inside a DataLoader worker.
+    The pixel count and aspect ratio are checked from the header before decoding, so neither a decompression bomb
+    nor a hair-thin strip (which training would upscale to gigabytes) allocates; the image is fully decoded here so
+    truncated files fail now rather than inside a DataLoader worker.
     """
     return _decode(Path(path), max_pixels=max_pixels, draft=None)
 
@@ -59,6 +63,13 @@ def _decode(path: Path, *, max_pixels: int, draft: tuple[int, int] | None) -> Im
                     path,
                     f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
                     "downscale it (or raise max_pixels if you trust the file)",
+                )
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise ImageError(
+                    path,
+                    f"image is {width}x{height}, too thin to train on: its long side is over {MAX_ASPECT_RATIO} times "
+                    "its short side, and scaling the short side up to the training resolution would need gigabytes; "
+                    "crop it to a less extreme shape or remove it",
                 )
             if draft is not None:
                 img.draft(None, draft)

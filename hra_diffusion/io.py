@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import HRAConfig
-from .model import add_hra, hra_adapters, hra_layers, hra_state_dict, layer_fingerprint, set_hra_state_dict
+from .model import (
+    add_hra,
+    check_adapter_name,
+    hra_adapters,
+    hra_layers,
+    hra_state_dict,
+    layer_fingerprint,
+    remove_hra,
+    set_hra_state_dict,
+)
 
 FORMAT = "hra-studio/1"
 RESERVED = ("format", "adapters", "fingerprint")
@@ -59,18 +69,37 @@ def fingerprint_digest(layers: Mapping[str, Any]) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file.
+
+    The file gets the mode open() would give it (0666 less the umask): mkstemp and safetensors both make 0600 files,
+    which tools running as another user (ComfyUI, a web server) cannot read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where there is one: os.umask reads it only by setting it, for a moment in
+    which another thread's new files get the temporary mask (so that is 0o077: stricter, never looser)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def save_hra(
@@ -114,7 +143,10 @@ def save_hra(
 
 
 def read_hra_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The file's metadata with "adapters" parsed; cheap (reads the header only). Raises AdapterFileError."""
+    """The file's metadata with "adapters" parsed and checked; cheap (reads the header only). Raises AdapterFileError.
+
+    Checked down to every type, so nothing after it trips over a hand-edited or hostile file with a bare KeyError.
+    """
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such adapter file")
@@ -131,9 +163,45 @@ def read_hra_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not an HRA Studio adapter (metadata format={meta.get('format')!r}, expected {FORMAT!r}). "
             "LoRA files load with diffusers' load_lora_weights; peft HRA folders load by their folder path."
         )
-    meta["adapters"] = json.loads(meta["adapters"])
+    try:
+        meta["adapters"] = _parse_parts(meta.get("adapters"))
+        check_adapter_name(meta.get("adapter_name", "default"))
+    except (ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
+        raise AdapterFileError(
+            f"{path} has damaged HRA Studio metadata: {err}. Export or download the adapter again."
+        ) from err
     meta["tensor_keys"] = keys
     return meta
+
+
+def _parse_parts(text: str | None) -> dict[str, dict[str, Any]]:
+    """The "adapters" metadata: {component: {"config": HRAConfig fields, "layers": {path: [d_out, d_in]}}}.
+
+    d_out may be None (peft folders record only d_in). Raises ValueError saying what is malformed.
+    """
+    if text is None:
+        raise ValueError("no 'adapters' entry")
+    parts = json.loads(text)
+    if not isinstance(parts, dict) or not parts:
+        raise ValueError(f"'adapters' must be a non-empty JSON object, got {type(parts).__name__} {text[:60]!r}")
+    for comp, part in parts.items():
+        if not (isinstance(part, dict) and all(isinstance(part.get(key), dict) for key in ("config", "layers"))):
+            raise ValueError(f"part {comp!r} must be an object holding a 'config' object and a 'layers' object")
+        if not part["layers"]:
+            raise ValueError(f"part {comp!r} names no layers")
+        try:
+            HRAConfig.from_json(json.dumps(part["config"]))
+        except ValueError as err:
+            raise ValueError(f"part {comp!r} has an invalid config ({err})") from err
+        for layer, shape in part["layers"].items():
+            if not (isinstance(shape, list) and len(shape) == 2 and (shape[0] is None or _is_size(shape[0]))
+                    and _is_size(shape[1])):
+                raise ValueError(f"layer {layer!r} of part {comp!r} has shape {shape!r}, not [out, in] (positive ints)")
+    return parts
+
+
+def _is_size(value: Any) -> bool:
+    return type(value) is int and value > 0
 
 
 def _read_tensors(path: Path, keys: list[str]) -> dict[str, Tensor]:
@@ -158,7 +226,7 @@ def check_fits(model: nn.Module, layers: Mapping[str, list[int | None]], what: s
     problems = []
     for path, shape in layers.items():
         module = wrapped.get(path, modules.get(path))
-        if module is None:
+        if module is None or path.rpartition(".")[0] in wrapped:  # a frozen layer inside an HRA layer is no target
             problems.append(f"{path}: no such layer")
             continue
         base = module.base_layer if path in wrapped else module
@@ -186,8 +254,10 @@ def _read_peft_folder(path: Path) -> tuple[dict[str, Any], str, Callable[[str], 
     """
     try:
         peft_config = json.loads((path / PEFT_CONFIG).read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise AdapterFileError(f"{path}: no readable {PEFT_CONFIG} ({err}); not a peft adapter folder") from err
+    if not isinstance(peft_config, dict):
+        raise AdapterFileError(f"{path}: {PEFT_CONFIG} is not a JSON object; not a peft adapter folder")
     peft_type = peft_config.get("peft_type")
     if peft_type != "HRA":
         raise AdapterFileError(
@@ -216,14 +286,17 @@ def _read_peft_folder(path: Path) -> tuple[dict[str, Any], str, Callable[[str], 
             f"{path} holds tensors other than HRA vectors ({other[:4]}...): peft bias or modules_to_save "
             "training is not supported; retrain with bias='none' and no modules_to_save."
         )
+    r = peft_config.get("r")
+    if not _is_size(r):
+        raise AdapterFileError(f"{path}: {PEFT_CONFIG} has r={r!r}, not a positive integer; the folder is damaged")
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in _read_tensors(weights, keys).items()}
-    r = int(peft_config.get("r", 0))
     bad = {k: tuple(v.shape) for k, v in tensors.items() if v.ndim != 2 or v.shape[1] != r}
     if bad or not tensors:
         raise AdapterFileError(f"{path}: HRA vectors must be (d_in, r={r}); found {bad or 'none'}")
     paths = [k.removesuffix(".hra_u") for k in tensors]
-    cls = (peft_config.get("auto_mapping") or {}).get("base_model_class")
-    if cls:
+    mapping = peft_config.get("auto_mapping")
+    cls = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    if isinstance(cls, str) and cls:
         comp = _class_component(cls)
     else:
         comp = "text_encoder" if all(p.startswith("text_model.") for p in paths) else "unet"
@@ -282,11 +355,13 @@ def load_hra(
 
     The stored config and layer list are authoritative; a model whose layers differ is refused, naming them.
     A bare model takes its own component from the file (a UNet loads "unet" even if the file also has a text
-    encoder part). Returns what it was given.
+    encoder part). All or nothing: the whole file is checked before the model changes, and a failure while adding
+    is undone, so no half-loaded adapter is left for a retry to reuse. Returns what it was given.
     """
     path = Path(path)
     stored, stored_name, read_part = _open_adapter(path)
     name = adapter_name or stored_name
+    check_adapter_name(name)
     comps = _components(models)
     if not isinstance(models, Mapping) and len(stored) == 1:
         comps = {next(iter(stored)): models}
@@ -295,14 +370,70 @@ def load_hra(
         raise AdapterMismatchError(
             f"{path} holds adapters for {sorted(stored)}, none of which is given ({sorted(comps)})"
         )
-    for comp, model in wanted.items():
-        stored[comp]["layers"], stored[comp]["rename"] = _align_paths(model, stored[comp]["layers"])
-        check_fits(model, stored[comp]["layers"], what=f"adapter's {comp} part")
+    configs, targets, parts = {}, {}, {}
+    for comp, model in wanted.items():  # the whole file is checked before anything is allocated or changed
+        layers, rename = _align_paths(model, stored[comp]["layers"])
+        check_fits(model, layers, what=f"adapter's {comp} part")
         if name in hra_adapters(model):
             raise ValueError(f"{comp} already has an adapter named {name!r}; pass adapter_name= to load it as another")
-    parts = {comp: _renamed(read_part(comp), stored[comp]["rename"]) for comp in wanted}  # errors before changes
-    for comp, model in wanted.items():
-        config = HRAConfig.from_json(json.dumps(stored[comp]["config"]))
-        add_hra(model, config, name, targets=list(stored[comp]["layers"]))
-        set_hra_state_dict(model, parts[comp], name)
+        configs[comp] = HRAConfig.from_json(json.dumps(stored[comp]["config"]))
+        targets[comp] = list(layers)
+        parts[comp] = _renamed(read_part(comp), rename)
+        _check_part(f"{path} ({comp} part)", configs[comp], layers, parts[comp])
+    with _undo_on_error(wanted.values(), name):
+        for comp, model in wanted.items():
+            add_hra(model, configs[comp], name, targets=targets[comp])
+            set_hra_state_dict(model, parts[comp], name)
     return models
+
+
+def _check_part(
+    where: str, config: HRAConfig, layers: Mapping[str, list[int | None]], tensors: Mapping[str, Tensor]
+) -> None:
+    """Raise AdapterFileError unless ``tensors`` are exactly the float vectors ``config`` puts on ``layers``.
+
+    ``layers`` must already fit the model (check_fits), so their stored d_in is the model's. r is bounded by the
+    layers' width before add_hra sizes its (d_in, r) vectors by it: a 46 KB file claiming r=200000 took 1.2 GB.
+    """
+    narrowest = min(layers, key=lambda p: layers[p][1])
+    if config.r > layers[narrowest][1]:
+        raise AdapterFileError(
+            f"{where}: its config says r={config.r}, but layer {narrowest} has only {layers[narrowest][1]} inputs and "
+            "r can be at most that; the config was damaged or edited. Export the adapter again."
+        )
+    leaves = ("hra_u", "hra_u0") if config.apply_GS else ("hra_u",)
+    shapes = {f"{p}.{leaf}": (shape[1], config.r) for p, shape in layers.items() for leaf in leaves}
+    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"{where}: its tensors do not match its own layer list (missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, {len(missing) + len(unexpected)} in all); the file is damaged. Export it again."
+        )
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise AdapterFileError(
+                f"{where}: {key} holds {value.dtype} values, but HRA vectors are floating point; the file is damaged "
+                "or was not written by HRA Studio. Export it again."
+            )
+        if tuple(value.shape) != shapes[key]:
+            raise AdapterFileError(
+                f"{where}: {key} has shape {tuple(value.shape)}, but r={config.r} on a layer with {shapes[key][0]} "
+                f"inputs needs {shapes[key]}; the file is damaged. Export it again."
+            )
+
+
+@contextmanager
+def _undo_on_error(models: Iterable[nn.Module], name: str) -> Iterator[None]:
+    """On any error in the block, remove adapter ``name`` from ``models`` and restore every requires_grad (add_hra
+    freezes them): a load adds everything or nothing, and a retry never finds a half-loaded adapter to reuse."""
+    models = list(models)
+    trainable = [(param, param.requires_grad) for model in models for param in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for model in models:
+            if name in hra_adapters(model):
+                remove_hra(model, name)
+        for param, flag in trainable:
+            param.requires_grad_(flag)
+        raise

@@ -65,6 +65,7 @@ def add_hra(
     overrides the config's selection; loading uses it to restore exactly the stored layers.
     """
     config = config or HRAConfig()
+    check_adapter_name(adapter_name)
     if adapter_name in hra_adapters(model):
         raise ValueError(f"the model already has an HRA adapter named {adapter_name!r}")
     paths = list(targets) if targets is not None else find_targets(model, config)
@@ -75,14 +76,21 @@ def add_hra(
         if path not in modules:
             raise ValueError(f"{type(model).__name__} has no layer {path!r}")
         module = modules[path]
-        if not isinstance(module, HRALayer):
-            module = HRALayer(module)
+        layer = module if isinstance(module, HRALayer) else HRALayer(module)
+        layer.add_adapter(adapter_name, config)
+        if layer is not module:  # wrapped only once the adapter is in: a failure leaves no empty wrapper behind
             parent_name, _, child = path.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, module)
-        module.add_adapter(adapter_name, config)
+            setattr(modules[parent_name] if parent_name else model, child, layer)
     if not any(hook is _prepare_call_factors for hook in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_prepare_call_factors)
     return model
+
+
+def check_adapter_name(name: str) -> None:
+    """Raise ValueError unless ``name`` can key an adapter: torch refuses "" and dotted parameter names, and would
+    do so only halfway through adding the adapter."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter names must be non-empty strings without '.', got {name!r}")
 
 
 def _prepare_call_factors(model: nn.Module, args: tuple) -> None:
