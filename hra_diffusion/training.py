@@ -3,13 +3,14 @@
 A trainer gives :func:`train` a dataset, a collate function, its networks, the names of those that carry trainable
 parameters, and ``loss_fn(batch, models) -> (loss, logs)``; this module does the rest the same way for all of them:
 accelerate setup, fp32 adapters on low-precision frozen weights, the optimizer and lr schedule, gradient
-accumulation, checkpoints that hold the adapters only, exact resume, a NaN/inf guard, tqdm + tracker + JSON-lines
-progress, SIGTERM/SIGINT as a clean stop, validation images and the final adapter file.
+accumulation, pure-data checkpoints (:mod:`.checkpoint`: the adapters, never the frozen model, and never a pickle),
+exact resume, a NaN/inf guard, tqdm + tracker + JSON-lines progress, SIGTERM/SIGINT as a clean stop, validation
+images and the final adapter file.
 
 Exact resume rests on three things: accelerate's seedable sampler with ``set_epoch`` + ``skip_first_batches`` replays
-the data order, the dataset's ``set_epoch`` replays its augmentation, and every micro-step reseeds torch from
-(seed, step, micro-step, rank), so noise and timesteps are a function of the step alone, not of RNG state that a
-checkpoint would have to carry.
+the data order (a function of the seed and the step, which the checkpoint records), the dataset's ``set_epoch``
+replays its augmentation, and every micro-step reseeds torch from (seed, step, micro-step, rank), so noise and
+timesteps are a function of the step alone. The optimizer, the lr schedule and the RNG states are restored on top.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ from accelerate.utils import (
 )
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
+from .checkpoint import MANIFEST as CHECKPOINT_STATE
+from .checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
 from .config import HRAConfig
 from .diffusion import UnsupportedModelError
 from .hub import HubError, create_hub_repo, push_run
@@ -59,8 +62,6 @@ from .pipelines import ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "hra_adapter.safetensors"
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_STATE = "trainer_state.json"
 DEFAULT_STEPS = 500
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -363,7 +364,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
         if not found:
             logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", cfg.output_dir)
             return None
-        return found[-1][1]
+        return open_checkpoint(found[-1][1]).folder
     path = Path(cfg.resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
         path = cfg.output_dir / path
@@ -372,7 +373,22 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
             f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: {path} is not a checkpoint "
             f"folder (no {CHECKPOINT_STATE}); pass a checkpoint-N folder or 'latest'"
         )
-    return path.absolute()
+    return open_checkpoint(path.absolute()).folder
+
+
+def open_checkpoint(path: Path) -> ckpt.Checkpoint:
+    """The checkpoint folder at ``path``, checked before anything is loaded (no pickle, this format, whole files)."""
+    with _unusable_checkpoint(path):
+        return ckpt.Checkpoint(path)
+
+
+@contextlib.contextmanager
+def _unusable_checkpoint(path: Path):
+    """A :class:`~.checkpoint.CheckpointError` becomes the one-line TrainingError users see, naming the folder."""
+    try:
+        yield
+    except ckpt.CheckpointError as err:
+        raise TrainingError(f"cannot resume from {path}: {err}") from err
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -390,7 +406,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     if cfg.seed is None:
-        stored = json.loads((resume / CHECKPOINT_STATE).read_text())["seed"] if resume else None
+        stored = open_checkpoint(resume).manifest["seed"] if resume else None
         seed = [stored if stored is not None else int.from_bytes(os.urandom(4), "little") >> 1]
         if state.num_processes > 1:
             broadcast_object_list(seed)
@@ -462,30 +478,6 @@ def state_digest(tensors: Mapping[str, Tensor]) -> str:
 
 def _component_state(models: Mapping[str, nn.Module]) -> dict[str, Tensor]:
     return {f"{comp}.{key}": value for comp, model in models.items() for key, value in trainable_state(model).items()}
-
-
-def _register_checkpoint_hooks(accelerator, trainable: Mapping[str, nn.Module]) -> None:
-    """Make accelerate's save_state/load_state store the adapters only (KBs, not the GBs of the frozen model)."""
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        weights.clear()  # accelerate would otherwise write every model's full state dict
-        if accelerator.is_main_process:
-            tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in _component_state(trainable).items()}
-            atomic_write(Path(output_dir) / CHECKPOINT_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-
-    def load_hook(models: list, input_dir: str) -> None:
-        models.clear()
-        path = Path(input_dir) / CHECKPOINT_WEIGHTS
-        if not path.is_file():
-            raise TrainingError(f"{input_dir} has no {CHECKPOINT_WEIGHTS}; it was not written by this trainer")
-        tensors = load_file(str(path))
-        for comp, model in trainable.items():
-            prefix = f"{comp}."
-            sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            load_trainable_state(model, sub, f"checkpoint {input_dir} ({comp})")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -603,15 +595,19 @@ class _Loop:
     # -- checkpoints --------------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> Path:
-        """Write checkpoint-{step} via a temp folder renamed at the end, so a crash never leaves a "latest" that is
-        half written; then drop the oldest beyond --checkpoints_total_limit."""
+        """Write checkpoint-{step} into a temp folder renamed at the end, so a crash never leaves a "latest" that is
+        half written; then drop the oldest beyond --checkpoints_total_limit. Every process hands its RNG state to the
+        main process, the only one that writes."""
         out = self.cfg.output_dir
         final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-        if self.main and tmp.exists():
-            shutil.rmtree(tmp)
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
+        rng_states = gather_object([ckpt.rng_state()])
         if self.main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            optimizer_tensors, optimizer_state = ckpt.optimizer_state(self.optimizer, self.params)
+            if self.acc.scaler is not None:
+                optimizer_state["grad_scaler"] = ckpt.plain_state(self.acc.scaler)
+            rng_tensors, rng_state = ckpt.rng_files(rng_states)
             state = {
                 "step": step,
                 "seed": self.cfg.seed,
@@ -620,9 +616,20 @@ class _Loop:
                 "train_batch_size": self.cfg.train_batch_size,
                 "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
             }
-            (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2) + "\n")
-        self.acc.wait_for_everyone()
-        if self.main:
+            ckpt.write_checkpoint(
+                tmp,
+                state,
+                tensors={
+                    CHECKPOINT_WEIGHTS: _component_state(self.trainable),
+                    ckpt.OPTIMIZER_TENSORS: optimizer_tensors,
+                    ckpt.RNG_TENSORS: rng_tensors,
+                },
+                documents={
+                    ckpt.OPTIMIZER_STATE: optimizer_state,
+                    ckpt.SCHEDULER_STATE: ckpt.plain_state(self.lr_scheduler),
+                    ckpt.RNG_STATE: rng_state,
+                },
+            )
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -637,22 +644,41 @@ class _Loop:
         return final
 
     def resume(self, path: Path) -> int:
-        state = json.loads((path / CHECKPOINT_STATE).read_text())
-        if state.get("seed") != self.cfg.seed:
-            logger.warning(
-                "resuming with --seed %s, the checkpoint used %s: data and noise will not replay exactly",
-                self.cfg.seed,
-                state.get("seed"),
-            )
-        if state.get("updates_per_epoch") != self.updates_per_epoch:
-            logger.warning(
-                "steps per epoch changed since the checkpoint (batch size, accumulation or processes): "
-                "the data order will not replay exactly"
-            )
-        self.acc.load_state(str(path))
+        """Restore the adapters, the optimizer (and fp16 grad scaler), the lr schedule and this process's RNG states
+        from checkpoint ``path``; returns its step."""
+        with _unusable_checkpoint(path):
+            checkpoint = ckpt.Checkpoint(path)
+            state = checkpoint.manifest
+            if state["seed"] != self.cfg.seed:
+                logger.warning(
+                    "resuming with --seed %s, the checkpoint used %s: data and noise will not replay exactly",
+                    self.cfg.seed,
+                    state["seed"],
+                )
+            if state.get("updates_per_epoch") != self.updates_per_epoch:
+                logger.warning(
+                    "steps per epoch changed since the checkpoint (batch size, accumulation or processes): "
+                    "the data order will not replay exactly"
+                )
+            weights = checkpoint.tensors(CHECKPOINT_WEIGHTS)
+            for comp, model in self.trainable.items():
+                prefix = f"{comp}."
+                sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+                load_trainable_state(model, sub, f"checkpoint {path} ({comp})")
+            optimizer_state = checkpoint.document(ckpt.OPTIMIZER_STATE)
+            optimizer_tensors = checkpoint.tensors(ckpt.OPTIMIZER_TENSORS)
+            ckpt.load_optimizer_state(self.optimizer, self.params, optimizer_tensors, optimizer_state)
+            if self.acc.scaler is not None and "grad_scaler" not in optimizer_state:
+                logger.warning("the checkpoint was not trained in fp16: the loss scale starts afresh")
+            elif self.acc.scaler is not None:
+                ckpt.load_plain_state(self.acc.scaler, optimizer_state["grad_scaler"], "the grad scaler")
+            scheduler_state = checkpoint.document(ckpt.SCHEDULER_STATE)
+            ckpt.load_plain_state(self.lr_scheduler, scheduler_state, ckpt.SCHEDULER_STATE)
+            rng_tensors, rng_state = checkpoint.tensors(ckpt.RNG_TENSORS), checkpoint.document(ckpt.RNG_STATE)
+            ckpt.load_rng_state(rng_tensors, rng_state, self.acc.process_index)
         logger.info("resumed from %s at step %d", path, state["step"])
         self.last_checkpoint = path
-        return int(state["step"])
+        return state["step"]
 
     # -- samples ------------------------------------------------------------------------------------------------------
 
@@ -728,7 +754,14 @@ class _Loop:
         repo_id = None
         if cfg.push_to_hub and self.main:  # created now: a bad token or no network fails before any step
             repo_id = create_hub_repo(cfg.hub_model_id or cfg.output_dir.name, cfg.hub_token)
-        params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
+        # named as in the checkpoint's trainable.safetensors; the names also key the optimizer state
+        self.params = {
+            f"{comp}.{name}": p
+            for comp, model in self.trainable.items()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+        params = list(self.params.values())
         if not params:
             raise TrainingError("nothing to train: the trainable models have no parameter with requires_grad")
         n_trainable = sum(p.numel() for p in params)
@@ -765,7 +798,7 @@ class _Loop:
             cfg.validation_epochs * self.updates_per_epoch if cfg.validation_epochs else cfg.validation_steps
         )
 
-        # Not passed to accelerate.prepare (which would step it once per process); registered so it is checkpointed.
+        # Not passed to accelerate.prepare (which would step it once per process); checkpoints save it themselves.
         lr_scheduler = get_scheduler(
             cfg.lr_scheduler,
             optimizer=optimizer.optimizer,
@@ -774,8 +807,7 @@ class _Loop:
             num_cycles=cfg.lr_num_cycles,
             power=cfg.lr_power,
         )
-        acc.register_for_checkpointing(lr_scheduler)
-        _register_checkpoint_hooks(acc, self.trainable)
+        self.optimizer, self.lr_scheduler = optimizer.optimizer, lr_scheduler
 
         if acc.is_main_process:
             config = {**spec.tracker_config, "max_train_steps": max_steps}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,8 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from hra_diffusion import read_hra_metadata
 from hra_diffusion.training import CHECKPOINT_WEIGHTS, _cast_frozen, state_digest
@@ -315,6 +318,8 @@ def test_two_processes_end_identical(tiny_sd, tmp_path):
     digests = lines[0].split(":", 1)[1].split()
     assert len(digests) == 2 and digests[0] == digests[1]
     assert digests[0] == state_digest(load_file(str(out / "checkpoint-3" / CHECKPOINT_WEIGHTS)))
+    rng = load_file(str(out / "checkpoint-3" / "rng_state.safetensors"))
+    assert set(rng) == {"rank0.torch", "rank1.torch"}, "the main process writes every process's RNG state"
     ev = events(out)
     assert [e["step"] for e in ev if e["event"] == "step"] == [1, 2, 3], "one line per step: main process only"
     assert [e["event"] for e in ev].count("done") == 1
@@ -404,3 +409,105 @@ def test_sigterm_stops_cleanly_and_resumes(tiny_sd, tmp_path):
     ev = events(out)
     assert ev[-1] == {"event": "done", "step": stopped_at + 1, "adapter": str(out / "hra_adapter.safetensors")}
     assert [e["step"] for e in ev if e["event"] == "step"][-1] == stopped_at + 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints are data: safetensors + JSON, never a pickle
+
+SCHEDULED = dict(lr_scheduler="cosine", lr_warmup_steps=1, learning_rate=1e-3, random_flip=True)
+# runs the trainer with unpickling (pickle.load/loads) and torch.save/torch.load refusing, and saying so on stderr
+NO_PICKLE = [
+    sys.executable,
+    "-c",
+    "import pickle, runpy, sys, torch\n"
+    "def refuse(*args, **kwargs):\n"
+    "    print('PICKLE USED', file=sys.stderr, flush=True)\n"
+    "    raise AssertionError('pickle used')\n"
+    "torch.load = torch.save = pickle.load = pickle.loads = refuse\n"
+    "runpy.run_module('training.dreambooth_hra', run_name='__main__', alter_sys=True)\n",
+]
+
+
+@pytest.fixture(scope="module")
+def scheduled_run(tiny_sd, tmp_path_factory) -> Path:
+    """4 steps of warmup + cosine with checkpoints at 2 and 4: what the tests below resume, inspect and damage."""
+    out = tmp_path_factory.mktemp("scheduled") / "out"
+    ok(run_script(base_args(tiny_sd, out, max_train_steps=4, checkpointing_steps=2, **SCHEDULED), launcher=NO_PICKLE))
+    return out
+
+
+def test_checkpoints_hold_no_pickle(scheduled_run):
+    assert checkpoint_steps(scheduled_run) == [2, 4]
+    for path in scheduled_run.glob("checkpoint-*/*"):
+        assert path.suffix in (".json", ".safetensors"), f"{path.name}: only JSON and safetensors"
+        data = path.read_bytes()
+        assert not data.startswith((b"\x80", b"PK")), f"{path.name} is a pickle or a torch.save zip"
+        json.loads(data) if path.suffix == ".json" else load(data)
+
+
+def test_resume_with_lr_schedule_is_bit_exact_without_pickle(scheduled_run, tiny_sd, tmp_path):
+    """Steps 3-4 resumed from the 4-step run's checkpoint-2: same lrs, bit-identical adapter and checkpoint-4."""
+    split = tmp_path / "split"
+    args = base_args(
+        tiny_sd,
+        split,
+        max_train_steps=4,
+        checkpointing_steps=2,
+        resume_from_checkpoint=scheduled_run / "checkpoint-2",
+        **SCHEDULED,
+    )
+    ok(run_script(args, launcher=NO_PICKLE))
+    straight = {e["step"]: e["lr"] for e in events(scheduled_run) if e["event"] == "step"}
+    resumed = {e["step"]: e["lr"] for e in events(split) if e["event"] == "step"}
+    assert len(set(straight.values())) == 4, "warmup, then cosine: a new lr every step"
+    assert resumed == {3: straight[3], 4: straight[4]}
+    a, b = adapter_tensors(scheduled_run), adapter_tensors(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    files = sorted(p.name for p in (scheduled_run / "checkpoint-4").iterdir())
+    assert files == sorted(p.name for p in (split / "checkpoint-4").iterdir())
+    for name in files:  # adapter, optimizer moments and step, schedule, RNG states, manifest
+        expected = (scheduled_run / "checkpoint-4" / name).read_bytes()
+        assert (split / "checkpoint-4" / name).read_bytes() == expected, name
+
+
+class CreatesFile:
+    """Unpickling this creates ``path``: it stands for any code a crafted pickle runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_checkpoint_with_a_pickle_is_refused_unopened(scheduled_run, tiny_sd, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "code-ran"
+    shutil.copytree(scheduled_run / "checkpoint-4", out / "checkpoint-4")
+    (out / "checkpoint-4" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(CreatesFile(marker)))
+    proc = run_script(base_args(tiny_sd, out, max_train_steps=5, resume_from_checkpoint="latest"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"cannot resume from {out / 'checkpoint-4'}: it holds pickle files (custom_checkpoint_0.pkl)" in proc.stderr
+    assert "can run arbitrary code" in proc.stderr
+    assert not marker.exists(), "the pickle was loaded"
+    assert [e["event"] for e in events(out)] == ["error"]
+
+
+def test_damaged_checkpoint_files_fail_clearly(scheduled_run, tiny_sd, tmp_path):
+    """A truncated optimizer file (found before the model loads) and a flipped adapter byte (found when resuming)."""
+    damages = (
+        ("optimizer.safetensors", lambda data: data[:100], "optimizer.safetensors has 100 bytes, trainer_state.json"),
+        (
+            CHECKPOINT_WEIGHTS,
+            lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]),
+            f"{CHECKPOINT_WEIGHTS} does not match its sha256 in trainer_state.json",
+        ),
+    )
+    for name, damage, message in damages:
+        out = tmp_path / name
+        shutil.copytree(scheduled_run / "checkpoint-2", out / "checkpoint-2")
+        path = out / "checkpoint-2" / name
+        path.write_bytes(damage(path.read_bytes()))
+        proc = run_script(base_args(tiny_sd, out, max_train_steps=3, resume_from_checkpoint="latest"))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert f"cannot resume from {out / 'checkpoint-2'}: {message}" in proc.stderr
+        assert events(out)[-1]["event"] == "error" and not (out / "hra_adapter.safetensors").exists()
