@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hra_diffusion import HRAConfig, add_hra, hra_parameters
+from hra_diffusion.cli import HelpFormatter
 from hra_diffusion.control import (
     ANNOTATORS,
     CONTROL_TARGETS,
@@ -69,6 +70,7 @@ VALIDATION_GUIDANCE = 9.0  # the paper samples controlled images with DDIM and g
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Train an HRA control adapter (HRA + hint encoder) for SD 1.x/2.x.",
         epilog="Defaults differing from the DreamBooth trainer: "
         f"--learning_rate {CONTROL_LEARNING_RATE} (the released code's), "
@@ -114,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_args(parser, default_output_dir="hra-control-model")
     parser.set_defaults(learning_rate=CONTROL_LEARNING_RATE, hra_target_modules=",".join(CONTROL_TARGETS))
     args = parser.parse_args(argv)
-    if args.resolution % 8:
-        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if not (args.resolution > 0 and args.resolution % 8 == 0):
+        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.validation_image and not args.validation_prompt:
         parser.error("--validation_image needs --validation_prompt")
     return args

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hra_diffusion import add_hra
+from hra_diffusion.cli import HelpFormatter
 from hra_diffusion.data import DreamBoothDataset, collate_dreambooth
 from hra_diffusion.diffusion import PromptEncoder, encode_latents, load_base, noisy_latents, sdxl_time_ids
 from hra_diffusion.images import require_images, scan_images
@@ -59,8 +60,18 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 GRID_FILE = "sample_grid.png"
 
 
+# Named default sets; flags given explicitly still win. "quick" is the flags' own defaults, sized for a first try.
+PRESETS: dict[str, dict[str, object]] = {
+    "quick": {},
+    "paper": {"max_train_steps": 2000, "num_class_images": 200, "with_prior_preservation": True},
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="DreamBooth with HRA adapters for Stable Diffusion 1.x/2.x.")
+    parser = argparse.ArgumentParser(
+        description="DreamBooth with HRA adapters for Stable Diffusion 1.x/2.x and SDXL.",
+        formatter_class=HelpFormatter,
+    )
     g = parser.add_argument_group("subject")
     g.add_argument("--instance_data_dir", required=True, help="folder of subject photos (JPEG/PNG/WebP, any size)")
     g.add_argument("--instance_prompt", required=True, help='prompt with the identifier, e.g. "a photo of sks dog"')
@@ -70,7 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use --instance_prompt for every photo even where a same-name .txt/.caption file exists",
     )
     g.add_argument(
-        "--resolution", type=int, default=None, help="training size, shorter side resized then cropped (512; SDXL 1024)"
+        "--resolution",
+        type=int,
+        default=None,
+        help="training size, a multiple of 8: shorter side resized, then cropped (default: the model's own size, "
+        "512 for SD1.5, 1024 for SDXL, 64 for the demo world)",
     )
     g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
     g.add_argument("--random_flip", action="store_true", help="random horizontal flips")
@@ -105,7 +120,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     add_training_args(parser, default_output_dir="hra-dreambooth-model")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="quick",
+        help="quick: the defaults above (500 steps, 100 class images, prior preservation off); paper: the HRA "
+        "paper's DreamBooth runs (2000 steps, 200 class images, prior preservation on)",
+    )
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.set_defaults(**PRESETS[preset.parse_known_args(argv)[0].preset])
     args = parser.parse_args(argv)
+    if args.resolution is not None and not (args.resolution > 0 and args.resolution % 8 == 0):
+        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
         parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
@@ -267,7 +294,8 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         vae=args.pretrained_vae_model_name_or_path,
     )
     sdxl = is_sdxl(pipe)
-    args.resolution = args.resolution or (1024 if sdxl else 512)
+    if args.resolution is None:  # the size the model was trained at, as diffusers' pipelines default to
+        args.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if args.with_prior_preservation:
         generate_class_images(pipe, args, accelerator, cfg.seed)
         if stop_agreed(accelerator):
