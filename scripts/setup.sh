@@ -15,7 +15,9 @@ VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip >/dev/null
 
 CONSTRAINTS=()
-if ! "$VPY" -c "import torch" 2>/dev/null; then
+# Asked of the package metadata, not by importing torch: before numpy is in, importing torch warns about it.
+has() { "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
+if ! has torch; then
   if [ -n "${HRA_TORCH_SPEC:-}" ]; then
     "$VPY" -m pip install -q "$HRA_TORCH_SPEC"
   elif command -v nvidia-smi >/dev/null 2>&1; then
@@ -24,7 +26,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "torch==2.13.0"
   fi
 fi
-TORCH_VERSION=$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")
+TORCH_VERSION=$("$VPY" -c "import importlib.metadata as m; print(m.version('torch').split('+')[0])")
 if [ "$TORCH_VERSION" = "2.13.0" ]; then
   printf 'torch==2.13.0\ntorchvision==0.28.0\n' > .venv/constraints.txt
   CONSTRAINTS=(-c .venv/constraints.txt)
