@@ -32,6 +32,7 @@ RESUMABLE = (STOPPED, FAILED, INTERRUPTED)
 POLL_S = 0.25
 STOP_GRACE_S = 120.0  # SIGTERM waits for the current step; a real SD step on a CPU can take half a minute
 LOG_TAIL_CHARS = 2000
+MAX_HISTORY = 1000
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Job:
     elapsed_s: float | None = None
     eta_s: float | None = None
     samples: list[str] = field(default_factory=list)
+    history: list[list[float]] = field(default_factory=list)  # [step, loss, orth] for the live loss curve
     checkpoint: str | None = None
     adapter: str | None = None  # the trainer's adapter file, once it wrote one
     result: str | None = None  # what the app made of it (the adapter's name in the store)
@@ -78,6 +80,11 @@ class Job:
             self.loss = event.get("loss")
             self.elapsed_s = event.get("elapsed_s")
             self.eta_s = event.get("eta_s")
+            if isinstance(self.loss, (int, float)):
+                self.history = [h for h in self.history if h[0] < self.step]  # a resumed run repeats later steps
+                self.history.append([self.step, float(self.loss), float(event.get("orth") or 0.0)])
+                if len(self.history) > MAX_HISTORY:  # keep job.json small on long runs: every other point
+                    self.history = self.history[::2]
         elif kind == "validation":
             self.samples += [path for path in event.get("images", []) if path not in self.samples]
         elif kind == "checkpoint":

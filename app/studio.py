@@ -13,7 +13,7 @@ import shutil
 import sys
 import threading
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,15 @@ from PIL import Image
 
 from hra_diffusion import HRAConfig
 from hra_diffusion.control import CONTROL_KIND, make_condition
+from hra_diffusion.demo_world import UNIQUE_TOKEN, find_demo_world
 from hra_diffusion.export import export_lora, export_merged, export_peft
 from hra_diffusion.images import ImageError, load_image
-from hra_diffusion.io import read_hra_metadata
+from hra_diffusion.io import atomic_write, read_hra_metadata
 from hra_diffusion.pipelines import attach_adapters, is_sdxl, load_pipeline, pipeline_components, unload_adapter
 from hra_diffusion.pipelines import generate as sample
 
 from .jobs import Job, JobQueue
+from .lock import DataDirLock
 from .store import AdapterStore, inside, slug
 
 MAX_PHOTOS = 50
@@ -47,6 +49,16 @@ EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 
+MAX_SEED = 2**32 - 1  # what torch, numpy and the trainers accept
+MAX_R = 256
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    """ValueError with the allowed range unless low <= value <= high (NaN included)."""
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
 @dataclass
 class TrainSettings:
     """What the Train tab asks; defaults suit SD 1.5 (:meth:`Studio.defaults` shrinks them for the demo)."""
@@ -64,19 +76,26 @@ class TrainSettings:
     preview_steps: int = 20  # sampling steps of each preview image
 
     def check(self) -> None:
-        """ValueError naming the first bad field; HRA's own rules (e.g. even r) come from HRAConfig itself."""
+        """ValueError naming the first bad field and its range; HRA's own rules (e.g. even r) come from HRAConfig.
+
+        Every number is checked here, once, before anything is created: a job folder is never made for a request
+        the trainer would refuse later (or, like a 2**64 seed, could not even store).
+        """
         if not TOKEN_RE.fullmatch(self.token):
             raise ValueError(f"subject token {self.token!r}: one word of letters, digits or '_' (e.g. sks)")
         if not CLASS_RE.fullmatch(self.class_noun):
             raise ValueError(f"class noun {self.class_noun!r}: a plain noun such as 'dog' or 'coffee mug'")
-        if not 1 <= self.steps <= 100_000:
-            raise ValueError(f"steps must be between 1 and 100000, got {self.steps}")
-        if not (self.resolution % 8 == 0 and 32 <= self.resolution <= 2048):
+        _in_range("steps", self.steps, 1, 100_000)
+        _in_range("r", self.r, 1, MAX_R)
+        _in_range("resolution", self.resolution, 32, 2048)
+        if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 between 32 and 2048, got {self.resolution}")
         if not 0 < self.learning_rate <= 1:
             raise ValueError(f"learning rate must be in (0, 1], got {self.learning_rate}")
-        if not 1 <= self.num_class_images <= 10_000:
-            raise ValueError(f"class images must be between 1 and 10000, got {self.num_class_images}")
+        _in_range("λ (orthogonality)", self.lambda_orth, 0.0, 1000.0)
+        _in_range("class images", self.num_class_images, 1, 10_000)
+        _in_range("seed", self.seed, 0, MAX_SEED)
+        _in_range("preview steps", self.preview_steps, 1, 150)
         HRAConfig(r=self.r, lambda_orth=self.lambda_orth)
 
     @property
@@ -89,15 +108,30 @@ class TrainSettings:
         return max(1, self.steps // 4)
 
 
+DEMO_WORLD_LABEL = "the demo world (a small Stable Diffusion trained on toy pictures, 64 px)"
+# Measured on the demo subjects (docs/app.md): about 2 minutes on 2 CPU cores, class images included.
+DEMO_WORLD_SETTINGS = TrainSettings(token=UNIQUE_TOKEN, class_noun="toy", steps=300, learning_rate=1e-3,
+                                    resolution=64, prior_preservation=True, num_class_images=20, preview_steps=20)
+
+
 class Studio:
-    """One data folder's jobs, adapters and pipeline. ``base_model=None`` uses the built-in tiny demo model."""
+    """One data folder's jobs, adapters and pipeline.
+
+    ``base_model=None`` uses the demo world (a small model trained on toy pictures, shipped in assets/), or, where
+    it is not there (a plain ``pip install``), a tiny model with random weights that draws noise.
+    """
 
     def __init__(self, data_dir: str | Path, base_model: str | None = None, warm: bool = True) -> None:
         """``warm``: build the demo model and load the pipeline in the background, so the page is up first."""
         self.data_dir = Path(data_dir).absolute()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = DataDirLock(self.data_dir)  # first: a second app on this folder stops here, changing nothing
         self.demo = base_model is None
-        self.base_label = "the built-in tiny demo model" if self.demo else base_model
+        self.world = find_demo_world() if self.demo else None
+        if self.world is not None:
+            base_model = str(self.world.base)
+        self.base_label = (DEMO_WORLD_LABEL if self.world else "the built-in tiny demo model" if self.demo
+                           else base_model)
         self.store = AdapterStore(self.data_dir / "adapters", self.data_dir / "exports")
         self._base = base_model
         self._pipe: Any = None
@@ -134,10 +168,22 @@ class Studio:
     # ------------------------------------------------------------------------------------------------ training
 
     def defaults(self) -> TrainSettings:
+        if self.world is not None:
+            return replace(DEMO_WORLD_SETTINGS)
         if self.demo:
             # It draws noise whatever the steps: small, quick previews keep the demo snappy on a CPU.
             return TrainSettings(steps=40, resolution=64, num_class_images=8, preview_steps=4)
         return TrainSettings(resolution=1024) if self._base_is_sdxl() else TrainSettings()
+
+    def demo_subjects(self) -> list[dict[str, Any]]:
+        """The demo world's subjects (name, class noun, photo paths) for one-click examples; [] elsewhere."""
+        if self.world is None:
+            return []
+        from hra_diffusion.demo_world.subjects import SUBJECTS
+
+        return [{"name": s.name, "class_noun": s.cls, "description": s.description,
+                 "photos": [str(p) for p in sorted((self.world.subjects / s.name).glob("*.png"))]}
+                for s in SUBJECTS if (self.world.subjects / s.name).is_dir()]
 
     def _base_is_sdxl(self) -> bool:
         """From the loaded pipeline, or before it is loaded from a local folder's model_index.json (a hub id then
@@ -235,6 +281,7 @@ class Studio:
         data["position"] = self.jobs.position(job.id)
         data["progress"] = min(1.0, job.step / job.max_steps) if job.max_steps else 0.0
         data["samples"] = [p for p in job.samples if self._served(p)]
+        data["logs"] = str(self.jobs.job_dir(job.id) / "out" / "logs")  # the trainer's TensorBoard folder
         return data
 
     def job_status(self, job_id: str) -> dict[str, Any]:
@@ -278,8 +325,11 @@ class Studio:
         With ``control_image``, ``control_adapter`` steers the layout: the image is turned into its condition map
         (``control_type``: "canny" edges, or "none" for an image that already is one).
         """
-        if not 1 <= num_images <= 8:
-            raise ValueError(f"number of images must be between 1 and 8, got {num_images}")
+        for name, value, low, high in (("number of images", num_images, 1, 8), ("seed", seed, 0, MAX_SEED),
+                                       ("steps", steps, 1, 150), ("guidance", guidance, 0.0, 30.0),
+                                       ("adapter strength", strength, 0.0, 1.0), ("control strength", control_scale,
+                                                                                 0.0, 2.0)):
+            _in_range(name, value, low, high)
         if control_image is not None and not control_adapter:
             raise ValueError("a control image needs a control adapter (import one on the Adapters tab)")
         condition = self.condition(control_image, control_type) if control_image is not None else None
@@ -382,13 +432,16 @@ class Studio:
     def close(self) -> None:
         """Stop the queue; a running job is saved and shown as interrupted at the next start."""
         self.jobs.close()
+        self._lock_file.release()
 
 
 def _zip(folder: Path, target: Path) -> None:
-    """Zip ``folder``'s contents into ``target`` (written beside it, then renamed)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(folder))
-    tmp.replace(target)
+    """Zip ``folder``'s contents into ``target``, atomically."""
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(folder))
+
+    atomic_write(target, write)

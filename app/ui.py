@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import html
+import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 
 from .jobs import ACTIVE
 from .studio import CONTROL_KIND, CONTROL_TYPES, EXPORTS, MAX_PHOTOS, Studio, TrainSettings
@@ -21,12 +24,29 @@ from .studio import CONTROL_KIND, CONTROL_TYPES, EXPORTS, MAX_PHOTOS, Studio, Tr
 USER_ERRORS = (ValueError, KeyError, OSError)  # the library's errors (bad photo, wrong base model) subclass these
 JOB_COLUMNS = ["job", "status", "step", "loss", "subject", "queued at", "adapter"]
 ADAPTER_COLUMNS = ["name", "kind", "base model", "instance prompt", "steps", "r", "created", "KB"]
+WORLD_NOTE = (
+    "**Demo world.** No base model was given, so HRA Studio runs its demo world: a small Stable Diffusion trained "
+    "from nothing on toy pictures (balls, cubes, cups, toys, houses and dogs in eight scenes, 64 px), so you can "
+    "watch HRA learn a subject on a laptop. Pick a demo subject below and press Start training; the samples turn "
+    "into it within a few minutes. For real pictures start it with a Stable Diffusion 1.x/2.x or SDXL model: "
+    "`python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or `--base-model /path/to/folder`."
+)
 DEMO_NOTE = (
     "**Demo model.** No base model was given, so HRA Studio runs a tiny built-in model with random weights: "
     "everything works (training, stopping, adapters, exports) but it draws noise. For real pictures start it with a "
     "Stable Diffusion 1.x/2.x model: `python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or "
     "`--base-model /path/to/diffusers/folder`."
 )
+
+
+ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:]+)+[\\/]([^\s'\"\\/:]+)")
+
+
+def _message(err: Exception) -> str:
+    """The error's text for a browser: server paths shortened to their file name (they tell a visitor about the
+    server's disk, and the user knows which file they sent)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -37,10 +57,41 @@ def _user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise gr.Error(message, print_exception=False) from err
+            raise gr.Error(_message(err), print_exception=False) from err
 
     return wrapper
+
+
+def _in_page(fn: Callable, message_index: int, n_outputs: int) -> Callable:
+    """A page handler whose expected failures land as text in its message output (index ``message_index``) and
+    leave its other outputs as they were: gr.Error would paint every output with a red "Error" badge."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            outputs = [gr.skip()] * n_outputs
+            outputs[message_index] = f"**Not done:** {_message(err)}"
+            return tuple(outputs)
+
+    return wrapper
+
+
+def _sample_caption(path: str) -> str:
+    """'step 40' for validation/step-40/0.png, the trainer's layout."""
+    match = re.search(r"step-(\d+)", path)
+    return f"step {match.group(1)}" if match else ""
+
+
+def _loss_frame(job: dict[str, Any] | None) -> pd.DataFrame:
+    """Long-format loss (and orthogonality term, when it is used) for gr.LinePlot."""
+    rows = []
+    for step, loss, orth in (job or {}).get("history", []):
+        rows.append({"step": step, "value": loss, "series": "loss"})
+        if job["settings"].get("lambda_orth"):
+            rows.append({"step": step, "value": orth, "series": "orthogonality"})
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
 
 
 def _clock(seconds: float | None) -> str:
@@ -66,6 +117,8 @@ def _progress_html(job: dict[str, Any] | None) -> str:
     if job["result"]:
         parts.append(f"adapter <code>{html.escape(job['result'])}</code>")
     message = f"<pre>{html.escape(job['message'])}</pre>" if job["message"] else ""
+    if job.get("logs"):
+        message += f"<small>TensorBoard: <code>tensorboard --logdir {html.escape(job['logs'])}</code></small>"
     return (
         f"<div id='job-progress' data-status='{status}'>{' · '.join(parts)}"
         f"<progress value='{job['progress']:.3f}' max='1' style='width:100%'></progress>{message}</div>"
@@ -93,6 +146,16 @@ def _adapter_rows(adapters: list[dict[str, Any]]) -> list[list[Any]]:
     return [[a["name"], "unreadable", a["error"], *blank] if "error" in a else [a[k] for k in keys] for a in adapters]
 
 
+def _number(value: Any, label: str, kind: type = float) -> Any:
+    """A field's number as ``kind``; ValueError naming the field when it is empty, not finite or not whole."""
+    number = float(_given(value, f"{label} is empty"))
+    if not math.isfinite(number):
+        raise ValueError(f"{label} must be a finite number, got {value}")
+    if kind is int and not number.is_integer():
+        raise ValueError(f"{label} must be a whole number, got {value}")
+    return kind(number)
+
+
 def _given(value: Any, message: str) -> Any:
     """``value``, or ValueError(message) for what an emptied box or an unmade choice sends: None or ""."""
     if value is None or value == "":
@@ -104,23 +167,27 @@ def build(studio: Studio) -> gr.Blocks:
     """The whole page; every handler is a few lines over ``studio``."""
     d = studio.defaults()
 
-    def job_view(job_id: str | None) -> tuple[str, list[str], list[list[Any]], str | None]:
+    def job_view(job_id: str | None) -> tuple[Any, ...]:
+        """The picked job, else the one running (a reopened page follows it, not the newest cancelled one)."""
         jobs = studio.list_jobs()
-        job = next((j for j in jobs if j["id"] == job_id), jobs[0] if jobs else None)
-        return _progress_html(job), job["samples"][-8:] if job else [], _job_rows(jobs), job and job["id"]
+        active = [j for j in jobs if j["status"] in ACTIVE]
+        job = next((j for j in jobs if j["id"] == job_id), None) or next(
+            (j for j in active if j["status"] != "queued"), active[-1] if active else jobs[0] if jobs else None)
+        samples = [(p, _sample_caption(p)) for p in job["samples"][-8:]] if job else []
+        return _progress_html(job), samples, _loss_frame(job), _job_rows(jobs), job and job["id"]
 
     def train(photos: list[str] | None, token: str, class_noun: str, steps: float, r: float, lr: float,
               lam: float, resolution: float, prior: bool, seed: float) -> dict[str, Any]:  # fmt: skip
         settings = TrainSettings(
             token=(token or "").strip(),
             class_noun=(class_noun or "").strip(),
-            steps=int(_given(steps, "Steps is empty")),
-            r=int(_given(r, "r is empty")),
-            learning_rate=float(_given(lr, "Learning rate is empty")),
-            lambda_orth=float(_given(lam, "λ is empty")),
-            resolution=int(_given(resolution, "Resolution is empty")),
+            steps=_number(steps, "Steps", int),
+            r=_number(r, "r", int),
+            learning_rate=_number(lr, "Learning rate"),
+            lambda_orth=_number(lam, "λ"),
+            resolution=_number(resolution, "Resolution", int),
             prior_preservation=bool(prior),
-            seed=int(_given(seed, "Seed is empty")),
+            seed=_number(seed, "Seed", int),
             num_class_images=d.num_class_images,
             preview_steps=d.preview_steps,
         )
@@ -137,8 +204,7 @@ def build(studio: Studio) -> gr.Blocks:
     def start(*inputs: Any) -> tuple[str, str]:
         job = train(*inputs)
         skipped = f" ({len(job['rejected'])} file(s) skipped, see the list above)" if job["rejected"] else ""
-        where = f"is number {job['position']} in the queue" if job["position"] else "is starting"
-        return f"Job `{job['id']}` {where}{skipped}.", job["id"]
+        return f"Job `{job['id']}` submitted{skipped}; its progress is below.", job["id"]
 
     def pick_job(evt: gr.SelectData) -> str:
         return evt.row_value[0]
@@ -157,16 +223,21 @@ def build(studio: Studio) -> gr.Blocks:
             prompt,
             adapter or None,
             negative or "",
-            int(_given(seed, "Seed is empty")),
-            int(_given(steps, "Steps is empty")),
-            float(_given(guidance, "Guidance is empty")),
-            int(num_images),
-            float(strength),
+            _number(seed, "Seed", int),
+            _number(steps, "Steps", int),
+            _number(guidance, "Guidance"),
+            _number(num_images, "Images", int),
+            _number(strength, "Adapter strength"),
             control_adapter or None,
             control_image,
             control_type,
-            float(control_scale),
+            _number(control_scale, "Control strength"),
         )
+
+    def prompt_for(name: str | None, prompt: str) -> str:
+        """A newly picked adapter brings its own instance prompt (its token), as a LoRA brings its trigger word."""
+        info = next((a for a in studio.list_adapters() if a["name"] == name and "error" not in a), None)
+        return (info or {}).get("instance_prompt") or prompt
 
     def preview_condition(image: Any, control_type: str) -> Any:
         return studio.condition(image, control_type) if image is not None else None
@@ -205,13 +276,13 @@ def build(studio: Studio) -> gr.Blocks:
             gr.update(visible=bool(controls)),
         )  # fmt: skip
 
-    with gr.Blocks(title="HRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
+    with gr.Blocks(title="HRA Studio", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# HRA Studio\nTeach Stable Diffusion a subject from a few photos with Householder Reflection "
             f"Adaptation, then generate with it. Base model: `{studio.base_label}`."
         )
         if studio.demo:
-            gr.Markdown(DEMO_NOTE, elem_id="demo-note")
+            gr.Markdown(WORLD_NOTE if studio.world else DEMO_NOTE, elem_id="demo-note")
         selected = gr.State(None)
         api_out = gr.JSON(visible=False)
 
@@ -224,6 +295,12 @@ def build(studio: Studio) -> gr.Blocks:
                     )  # fmt: skip
                     preview = gr.Gallery(label="Accepted photos", columns=6, height=160, elem_id="photo-preview")
                     upload_report = gr.Markdown(elem_id="upload-report")
+                    examples, example_buttons = studio.demo_subjects(), []
+                    if examples:
+                        gr.Markdown("**Demo subjects** (photos the base model has never seen): click one to use it.")
+                        with gr.Row():
+                            example_buttons = [gr.Button(e["name"].replace("_", " "), size="sm",
+                                                         elem_id=f"example-{e['name']}") for e in examples]
                 with gr.Column():
                     with gr.Row():
                         token = gr.Textbox(d.token, label="Subject token", info="a rare word meaning your subject")
@@ -243,7 +320,11 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-job")
                 resume_btn = gr.Button("Resume from last checkpoint", elem_id="resume-job")
-            samples = gr.Gallery(label="Samples during training", columns=8, height=180, elem_id="samples")
+            with gr.Row():
+                samples = gr.Gallery(label="Samples during training", columns=4, height=220, object_fit="contain",
+                                     elem_id="samples", scale=2)
+                loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="value", color="series", height=220,
+                                        label="Loss (live)", elem_id="loss-plot", scale=1)
             job_table = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs (click one to follow it)", interactive=False)
 
         with gr.Tab("Generate", id="generate") as generate_tab:
@@ -276,7 +357,8 @@ def build(studio: Studio) -> gr.Blocks:
                                      buttons=["download", "fullscreen"])  # fmt: skip
 
         with gr.Tab("Adapters", id="adapters") as adapters_tab:
-            adapter_table = gr.Dataframe(headers=ADAPTER_COLUMNS, label="Adapters", interactive=False)
+            adapter_table = gr.Dataframe(headers=ADAPTER_COLUMNS, label="Adapters", interactive=False, wrap=True,
+                                         elem_id="adapter-table")
             with gr.Row():
                 chosen = gr.Dropdown(label="Adapter", allow_custom_value=True, elem_id="shelf-adapter")
                 fmt = gr.Radio([(f"{k}: {v[1]}", k) for k, v in EXPORTS.items()], value="hra", label="Download as")
@@ -291,9 +373,12 @@ def build(studio: Studio) -> gr.Blocks:
 
         # The page.
         photos.change(check_uploads, photos, [preview, upload_report], api_visibility="private")
+        for button, example in zip(example_buttons, examples):
+            button.click(lambda e=example: (e["photos"], d.token, e["class_noun"]), None, [photos, token, class_noun],
+                         api_visibility="private")
         train_inputs = [photos, token, class_noun, steps, r, lr, lam, resolution, prior, seed]
-        start_btn.click(_user_errors(start), train_inputs, [start_msg, selected], api_visibility="private")
-        view = [progress, samples, job_table, selected]
+        start_btn.click(_in_page(start, 0, 2), train_inputs, [start_msg, selected], api_visibility="private")
+        view = [progress, samples, loss_plot, job_table, selected]
         gr.Timer(1.0).tick(job_view, selected, view, queue=False, api_visibility="private")
         job_table.select(pick_job, None, selected, api_visibility="private")
         stop_btn.click(_user_errors(stop_selected), selected, None, api_visibility="private")
@@ -301,14 +386,17 @@ def build(studio: Studio) -> gr.Blocks:
         gen_inputs = [prompt, adapter, negative, gen_seed, gen_steps, guidance, num_images, strength,
                       control_adapter, control_image, control_type, control_scale]  # fmt: skip
         gen_btn.click(_user_errors(generate), gen_inputs, gallery, api_name="generate")
+        adapter.change(prompt_for, [adapter, prompt], prompt, api_visibility="private")
         gr.on([control_image.change, control_type.change], _user_errors(preview_condition),
               [control_image, control_type], condition, api_visibility="private")  # fmt: skip
         shelf = [adapter_table, chosen, adapter, control_adapter, control_box]
         for event in (demo.load, adapters_tab.select, generate_tab.select):
             event(adapters_view, [chosen, adapter, control_adapter], shelf, api_visibility="private")
         download_btn.click(_user_errors(download_adapter), [chosen, fmt], download, api_name="download_adapter")
-        delete_btn.click(_user_errors(delete_in_page), chosen, [shelf_msg, *shelf], api_visibility="private")
-        import_btn.click(_user_errors(import_in_page), upload, [shelf_msg, *shelf], api_visibility="private")
+        delete_btn.click(_in_page(delete_in_page, 0, 1 + len(shelf)), chosen, [shelf_msg, *shelf],
+                         api_visibility="private")
+        import_btn.click(_in_page(import_in_page, 0, 1 + len(shelf)), upload, [shelf_msg, *shelf],
+                         api_visibility="private")
 
         # API-only endpoints: the same inputs as the page, a JSON answer.
         gr.Button(visible=False).click(_user_errors(train), train_inputs, api_out, api_name="train")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from PIL import Image
 from eval.images import list_images, load_images
 from eval.metrics import CLIPScorer, DINOScorer, LPIPSScorer, ModelLoadError
 from hra_diffusion.cli import HelpFormatter
+from hra_diffusion.io import atomic_write
 
 METRICS = ("dino", "clip_i", "clip_t", "lpips")
 
@@ -124,20 +123,9 @@ def score_images(real: Sequence[Image.Image], generated: Sequence[Image.Image], 
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON through a temp file and os.replace, so readers never see a half-written report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """JSON through the library's atomic_write: readers never see a half-written report."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def score_folders(real_dir: str | Path, generated_dir: str | Path, prompts_file: str | Path | None = None,

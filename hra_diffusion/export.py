@@ -14,9 +14,7 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import householder as hh
-from .io import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, _components, atomic_write
+from .io import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, _components, atomic_folder, atomic_write
 from .model import _require, hra_adapters, hra_layers, hra_state_dict, remove_hra, set_active_adapters, unmerge_hra
 
 if TYPE_CHECKING:
@@ -40,28 +38,6 @@ LORA_NOTE = (
     "lora_up = -(W V S) contains the base weights W, so this file is valid only on the base model whose weight "
     "digest is in hra_base_sha256."
 )
-
-
-def _atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Fill a temp folder beside ``out_dir`` with ``write(tmp)``, then rename it into place.
-
-    Readers never see half an export. An existing non-empty ``out_dir`` is refused rather than deleted: it may be
-    anything the user owns.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists; choose a new folder (or delete it first)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if out_dir.is_dir():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def _strength(model: nn.Module, adapter_name: str) -> float:
@@ -123,7 +99,7 @@ def export_peft(
         (tmp / PEFT_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
 
-    return _atomic_folder(out_dir, write)
+    return atomic_folder(out_dir, write)
 
 
 def lora_file(path: str | os.PathLike) -> Path:
@@ -281,4 +257,4 @@ def export_merged(
         state = {key: value.detach().cpu().contiguous() for key, value in unet.state_dict().items()}
         save_file(state, str(tmp / "unet.safetensors"), metadata={"format": "pt"})
 
-    return _atomic_folder(out, write)
+    return atomic_folder(out, write)

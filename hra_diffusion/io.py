@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -86,6 +87,31 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a temp folder beside ``out_dir`` with ``write(tmp)``, then rename it into place: readers never see half
+    a folder. An existing non-empty ``out_dir`` is refused rather than deleted: it may be anything the user owns.
+    The folder gets the mode mkdir would give it (mkdtemp makes 0700)."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists; choose a new folder (or delete it first)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        tmp.chmod(folder_mode())
+        if out_dir.is_dir():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def folder_mode() -> int:
+    """0777 less the umask: what mkdir gives a folder, for folders made with mkdtemp (0700)."""
+    return 0o777 & ~_umask()
 
 
 def _umask() -> int:

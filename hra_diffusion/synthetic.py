@@ -10,16 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from .cli import HelpFormatter
+from .io import atomic_folder
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -81,12 +79,7 @@ def write_control_dataset(out_dir: str | Path, samples: Iterable[tuple[Image.Ima
     Without condition maps the ``conditioning_image`` column is left out, and the control trainer computes the maps
     from the images (``--control_type canny``).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; remove it or pick another path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         (tmp / "images").mkdir()
         rows = []
         for i, (image, condition, text) in enumerate(samples):
@@ -99,14 +92,8 @@ def write_control_dataset(out_dir: str | Path, samples: Iterable[tuple[Image.Ima
                 condition.save(tmp / row["conditioning_image"])
             rows.append(row)
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp creates 0700; the result is an ordinary shared folder.
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return atomic_folder(out_dir, write)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .cli import HelpFormatter
+from .io import folder_mode
 
 MARKER = "tiny_sd.json"  # written last into every folder this module builds
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -252,7 +253,7 @@ def is_tiny_pipeline(path: str | os.PathLike) -> bool:
 
 def _publish(tmp: Path, target: Path) -> bool:
     """Rename `tmp` to `target` if `target` is absent or an empty folder. False if another writer got there first."""
-    tmp.chmod(0o755)  # mkdtemp makes it 0700
+    tmp.chmod(folder_mode())  # mkdtemp makes it 0700
     try:
         target.rmdir()  # only succeeds on an empty folder (Windows cannot rename onto one)
     except OSError:

@@ -36,8 +36,10 @@ def free_port() -> int:
 class Server:
     """`python -m app` in a subprocess on a data folder; restartable, killable like a crashed app."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, demo_world: bool = False) -> None:
+        """``demo_world=False``: the tiny random model (HRA_DEMO_WORLD=none), for the app's mechanics, fast."""
         self.data_dir = data_dir
+        self.env = {**os.environ, **({} if demo_world else {"HRA_DEMO_WORLD": "none"})}
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -48,6 +50,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "--port", str(port), "--data-dir", str(self.data_dir)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its trainers join its group
+            env=self.env,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

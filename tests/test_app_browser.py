@@ -1,5 +1,7 @@
-"""HRA Studio in a real browser: headless Debian chromium driven by playwright uploads photos, trains with the real
-trainer, generates and finds an image in the gallery. Screenshots go to $HRA_TEST_ARTIFACTS (default: tmp)."""
+"""HRA Studio in a real browser: headless Debian chromium driven by playwright, on the demo world: a rejected field and
+a bad import leave no red "Error" badge, one click picks a demo subject, the real trainer trains it, the page shows
+samples and the loss curve, and Generate finds the new adapter and its prompt. Screenshots go to
+$HRA_TEST_ARTIFACTS (default: tmp)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_app import PHOTOS, Server
+from test_app import Server
+
+from hra_diffusion.demo_world import find_demo_world
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -28,8 +32,13 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
+def no_error_badges(page) -> bool:
+    return page.get_by_text("Error", exact=True).count() == 0
+
+
+@pytest.mark.skipif(find_demo_world() is None, reason="assets/demo_world is not built")
 def test_upload_train_generate_in_a_browser(tmp_path, artifacts):
-    server = Server(tmp_path / "data")
+    server = Server(tmp_path / "data", demo_world=True)
     server.start()
     try:
         with sync_api.sync_playwright() as pw:
@@ -38,23 +47,39 @@ def test_upload_train_generate_in_a_browser(tmp_path, artifacts):
             errors: list[str] = []
             page.on("pageerror", lambda err: errors.append(str(err)))
             page.goto(server.url)
-            assert "draws noise" in page.locator("#demo-note").inner_text()
+            assert "Demo world" in page.locator("#demo-note").inner_text()
 
-            page.locator("#photos input[type=file]").set_input_files([str(p) for p in PHOTOS])
-            page.get_by_text(f"{len(PHOTOS)} photo(s) accepted.").wait_for(timeout=30_000)
-            assert page.locator("#photo-preview img").count() == len(PHOTOS)
+            page.locator("#example-star_toy").click()
+            page.get_by_text("5 photo(s) accepted.").wait_for(timeout=30_000)
+            assert page.locator("#photo-preview img").count() == 5
             page.locator("#train-steps input").fill("4")
+            r_box = page.get_by_label("r (reflections)")
+            r_box.fill("7")  # odd r: refused, with the reason where the job message goes
             page.locator("#start-train").click()
-            page.locator("#start-msg").get_by_text("Job ").wait_for(timeout=30_000)
+            page.locator("#start-msg").get_by_text("odd number of reflections").wait_for(timeout=30_000)
+            assert no_error_badges(page)
+            r_box.fill("8")
+            page.locator("#start-train").click()
+            page.locator("#start-msg").get_by_text("submitted").wait_for(timeout=30_000)
             page.locator("#job-progress[data-status=running]").wait_for(timeout=120_000)
             page.locator("#job-progress[data-status=done]").wait_for(timeout=300_000)
             page.locator("#samples img").first.wait_for(timeout=10_000)
+            assert "step 4" in page.locator("#samples").inner_text()  # samples are labelled with their step
             page.screenshot(path=artifacts / "app_train.png", full_page=True)
             assert "step 4/4" in page.locator("#job-progress").inner_text()
 
+            page.get_by_role("tab", name="Adapters").click()
+            bad = tmp_path / "not_an_adapter.safetensors"
+            bad.write_bytes(b"not safetensors at all")
+            page.locator("input[type=file]").last.set_input_files(str(bad))
+            page.get_by_role("button", name="Import").click()
+            page.get_by_text("Not done:").wait_for(timeout=30_000)
+            assert no_error_badges(page)
+
             page.get_by_role("tab", name="Generate").click()
             adapter = page.locator("#gen-adapter input")
-            page.wait_for_function("el => el.value.startsWith('sks-')", arg=adapter.element_handle(), timeout=10_000)
+            page.wait_for_function("el => el.value.startsWith('qwe-')", arg=adapter.element_handle(), timeout=10_000)
+            assert page.locator("#gen-prompt textarea").input_value() == "a photo of qwe toy"
             page.locator("#g-steps input").fill("10")
             page.locator("#generate").click()
             page.locator("#gallery img").first.wait_for(timeout=120_000)

@@ -299,6 +299,14 @@ def test_oversized_files_are_refused_before_decoding(studio, tmp_path, monkeypat
         ({"class_noun": "../etc"}, "class noun"),
         ({"resolution": 100}, "multiple of 8"),
         ({"steps": 0}, "steps"),
+        ({"seed": 2**64}, "seed must be between 0 and 4294967295"),
+        ({"seed": -1}, "seed must be between"),
+        ({"seed": 2**32}, "seed must be between"),
+        ({"resolution": 0}, "resolution must be between 32 and 2048"),
+        ({"resolution": -64}, "resolution must be between"),
+        ({"learning_rate": float("nan")}, "learning rate"),
+        ({"lambda_orth": float("inf")}, "λ"),
+        ({"r": 200_000}, "r must be between 1 and 256"),
     ],
 )
 def test_bad_settings_are_explained(change, message):
@@ -434,3 +442,30 @@ def test_sdxl_base_defaults_to_1024_px(tiny_sdxl, tmp_path):
         assert studio.defaults().resolution == 1024
     finally:
         studio.close()
+
+
+def test_a_rejected_request_creates_nothing(studio, tmp_path):
+    """seed=2**64 once made a job whose job.json broke the job list for good; now nothing is created."""
+    before = sorted(p.name for p in (studio.data_dir / "jobs").iterdir())
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (64, 64), "red").save(photo)
+    with pytest.raises(ValueError, match="seed"):
+        studio.train([photo], TrainSettings(seed=2**64))
+    assert sorted(p.name for p in (studio.data_dir / "jobs").iterdir()) == before
+    assert studio.list_jobs() == [studio.describe(j) for j in studio.jobs.list()]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seed", 2**64, "seed"), ("guidance", 1e30, "guidance must be between 0.0 and 30.0"), ("steps", 0, "steps"),
+    ("strength", 1.5, "adapter strength"),
+])  # fmt: skip
+def test_generation_numbers_are_checked_first(studio, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        studio.generate("a photo", **{field: value})
+
+
+def test_a_second_app_on_one_data_folder_is_refused(studio):
+    from app.lock import DataDirBusyError
+
+    with pytest.raises(DataDirBusyError, match=f"pid {os.getpid()}"):
+        Studio(studio.data_dir, base_model="unused", warm=False)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_VAR = "HRA_DEMO_WORLD"  # points at another built world (a folder written by `build`)
+ENV_VAR = "HRA_DEMO_WORLD"  # another built world (a folder written by `build`), or "none" for no world
 SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "demo_world"
 UNIQUE_TOKEN = "qwe"  # the rare word the demo subjects are trained with (as in the HRA paper's code)
 
@@ -42,6 +42,9 @@ class DemoWorld:
 
 def find_demo_world() -> DemoWorld | None:
     """$HRA_DEMO_WORLD, else the world shipped in the repository's assets/; None when neither is built (a plain
-    `pip install` of the library ships no weights)."""
-    root = Path(os.environ.get(ENV_VAR) or SHIPPED)
+    `pip install` of the library ships no weights) or $HRA_DEMO_WORLD is "none"."""
+    setting = os.environ.get(ENV_VAR)
+    if setting == "none":
+        return None
+    root = Path(setting or SHIPPED)
     return DemoWorld(root) if (root / "base" / "model_index.json").is_file() else None

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import folder_mode
 from .scene import CLASSES, COLORS, PATTERNS, SCENES, SIZES, world_sample
 from .subjects import write_subjects
 
@@ -62,7 +63,7 @@ def _stage(out: Path, name: str, log: dict) -> Iterator[Path | None]:
     start = time.time()
     try:
         yield tmp
-        tmp.chmod(0o755)
+        tmp.chmod(folder_mode())
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
