@@ -109,8 +109,10 @@ class TrainSettings:
 
 
 DEMO_WORLD_LABEL = "the demo world (a small Stable Diffusion trained on toy pictures, 64 px)"
-# Measured on the demo subjects (docs/app.md): about 2 minutes on 2 CPU cores, class images included.
-DEMO_WORLD_SETTINGS = TrainSettings(token=UNIQUE_TOKEN, class_noun="toy", steps=300, learning_rate=1e-3,
+# Chosen on the demo subjects (docs/app.md has the measurements): 600 steps at 1e-3 bind a subject in about a
+# minute on 2 CPU cores (plus about 30 s for the class images, once per class); 3e-3 binds harder but moves the
+# class images and the prompts further.
+DEMO_WORLD_SETTINGS = TrainSettings(token=UNIQUE_TOKEN, class_noun="toy", steps=600, learning_rate=1e-3,
                                     resolution=64, prior_preservation=True, num_class_images=20, preview_steps=20)
 
 

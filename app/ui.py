@@ -85,13 +85,10 @@ def _sample_caption(path: str) -> str:
 
 
 def _loss_frame(job: dict[str, Any] | None) -> pd.DataFrame:
-    """Long-format loss (and orthogonality term, when it is used) for gr.LinePlot."""
-    rows = []
-    for step, loss, orth in (job or {}).get("history", []):
-        rows.append({"step": step, "value": loss, "series": "loss"})
-        if job["settings"].get("lambda_orth"):
-            rows.append({"step": step, "value": orth, "series": "orthogonality"})
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    """The loss per step for gr.LinePlot; typed columns even when empty, or the plot takes values for categories."""
+    history = (job or {}).get("history", [])
+    return pd.DataFrame({"step": pd.Series([h[0] for h in history], dtype="float64"),
+                         "loss": pd.Series([h[1] for h in history], dtype="float64")})
 
 
 def _clock(seconds: float | None) -> str:
@@ -112,6 +109,8 @@ def _progress_html(job: dict[str, Any] | None) -> str:
         parts.append(f"step {job['step']}/{job['max_steps']}")
     if job["loss"] is not None:
         parts.append(f"loss {job['loss']:.4f}")
+    if job["settings"].get("lambda_orth") and job.get("history"):
+        parts.append(f"orthogonality {job['history'][-1][2]:.3g}")  # the regularizer's term, when it is on
     if status in ACTIVE and job["eta_s"] is not None:
         parts.append(f"{_clock(job['eta_s'])} left")
     if job["result"]:
@@ -323,7 +322,7 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 samples = gr.Gallery(label="Samples during training", columns=4, height=220, object_fit="contain",
                                      elem_id="samples", scale=2)
-                loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="value", color="series", height=220,
+                loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", height=220,
                                         label="Loss (live)", elem_id="loss-plot", scale=1)
             job_table = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs (click one to follow it)", interactive=False)
 
@@ -367,9 +366,10 @@ def build(studio: Studio) -> gr.Blocks:
                 delete_btn = gr.Button("Delete", variant="stop")
             download = gr.File(label="Download", interactive=False, height=80)
             with gr.Accordion("Import an adapter file", open=False):
-                upload = gr.File(label="HRA Studio adapter (.safetensors)", file_types=[".safetensors"], height=120)
+                upload = gr.File(label="HRA Studio adapter (.safetensors)", file_types=[".safetensors"], height=120,
+                                 elem_id="import-file")
                 import_btn = gr.Button("Import")
-            shelf_msg = gr.Markdown()
+            shelf_msg = gr.Markdown(elem_id="shelf-msg")
 
         # The page.
         photos.change(check_uploads, photos, [preview, upload_report], api_visibility="private")

@@ -12,6 +12,7 @@ Scores use the world's own scorers through the usual metric classes: CLIP-I and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -70,9 +71,11 @@ class World:
         return [generate(self.pipe, prompt, seed=seed, **settings)[0] for seed in seeds]
 
     def use(self, adapters: Sequence[Path], strengths: Sequence[float] | None = None) -> None:
-        """Exactly these adapters active (none: the base model)."""
+        """Exactly these adapters active (none: the base model). Each file is named by its path's digest: trainers
+        all write hra_adapter.safetensors, and a name already loaded would be reused instead of the new file."""
         if adapters:
-            attach_adapters(self.pipe, list(adapters), strengths=strengths)
+            names = ["a" + hashlib.sha256(str(Path(p).resolve()).encode()).hexdigest()[:12] for p in adapters]
+            attach_adapters(self.pipe, list(adapters), strengths=strengths, names=names)
         else:
             for model in pipeline_components(self.pipe).values():
                 if hra_adapters(model):

@@ -226,3 +226,41 @@ def test_restart_keeps_jobs_and_adapters_and_resumes_an_interrupted_job(server):
     assert stopped["status"] == "interrupted" and stopped["result"] and stopped["step"] >= 1
     adapters = [a["name"] for a in client.predict(api_name="/list_adapters")]
     assert resumed["result"] in adapters and stopped["result"] in adapters
+
+
+def test_login_and_the_warning_without_one(tmp_path):
+    """--auth puts Gradio's login in front of everything; listening beyond localhost without it warns at start."""
+    env = {**os.environ, "HRA_DEMO_WORLD": "none"}
+    port = free_port()
+    log = tmp_path / "auth.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--data-dir", str(tmp_path / "a"),
+                                 "--auth", "ann:secret"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + "config", timeout=10)
+        assert refused.value.code == 401
+        assert "WARNING" not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+    loud = subprocess.Popen([sys.executable, "-m", "app", "--host", "127.0.0.2", "--port", str(free_port()),
+                             "--data-dir", str(tmp_path / "b")], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        first = loud.stderr.readline()
+        while first and "WARNING" not in first:
+            first = loud.stderr.readline()
+        assert "has no login" in first and "--auth USER:PASSWORD" in first
+    finally:
+        loud.terminate()
+        loud.wait(60)

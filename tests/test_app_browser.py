@@ -71,9 +71,10 @@ def test_upload_train_generate_in_a_browser(tmp_path, artifacts):
             page.get_by_role("tab", name="Adapters").click()
             bad = tmp_path / "not_an_adapter.safetensors"
             bad.write_bytes(b"not safetensors at all")
-            page.locator("input[type=file]").last.set_input_files(str(bad))
-            page.get_by_role("button", name="Import").click()
-            page.get_by_text("Not done:").wait_for(timeout=30_000)
+            page.get_by_text("Import an adapter file").click()
+            page.locator("#import-file input[type=file]").set_input_files(str(bad))
+            page.get_by_role("button", name="Import", exact=True).click()
+            page.locator("#shelf-msg").get_by_text("Not done:").wait_for(timeout=30_000)
             assert no_error_badges(page)
 
             page.get_by_role("tab", name="Generate").click()

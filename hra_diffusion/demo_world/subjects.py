@@ -1,7 +1,9 @@
 """The demo subjects: five objects the base model has never seen, in the DreamBooth dataset's folder layout.
 
-Each wears colors outside the world's palette and a pattern the world never samples (EXTRA_PATTERNS), so the base
-model cannot draw it from a prompt and only fine-tuning can teach it. Five "photos" each, in varied scenes, places
+Each wears a pattern the world never samples (EXTRA_PATTERNS) in a combination of the world's colors, so the base
+model cannot draw it from a prompt and only fine-tuning can teach it. The colors stay inside the world's palette
+on purpose: the VAE, trained on that palette only, cannot reproduce others (a teal subject decoded as purple), and
+no adapter on the UNet can fix what the VAE cannot draw. Five "photos" each, in varied scenes, places
 and sizes, and `prompts_and_classes.txt` in google/dreambooth's format with toy versions of its prompt list.
 """
 
@@ -22,11 +24,11 @@ class DemoSubject:
 
 
 SUBJECTS = (
-    DemoSubject("star_toy", "toy", Look((40, 170, 165), "stars", (250, 120, 175)), "a teal teddy with pink stars"),
-    DemoSubject("zigzag_cup", "cup", Look((30, 40, 115), "zigzag", (250, 150, 40)), "a navy cup with an orange zigzag"),
-    DemoSubject("ring_ball", "ball", Look((245, 125, 170), "rings", (150, 220, 50)), "a pink ball with lime rings"),
-    DemoSubject("split_cube", "cube", Look((140, 85, 40), "halves", (60, 205, 220)), "a cube, half brown, half cyan"),
-    DemoSubject("zigzag_dog", "dog", Look((205, 165, 115), "zigzag", (95, 55, 30)), "a tan dog with brown zigzags"),
+    DemoSubject("star_toy", "toy", Look((40, 165, 55), "stars", (245, 210, 30)), "a green teddy with yellow stars"),
+    DemoSubject("zigzag_cup", "cup", Look((35, 75, 215), "zigzag", (245, 130, 25)), "a blue cup with an orange zigzag"),
+    DemoSubject("ring_ball", "ball", Look((135, 50, 175), "rings", (245, 210, 30)), "a purple ball with yellow rings"),
+    DemoSubject("split_cube", "cube", Look((215, 35, 35), "halves", (245, 245, 240)), "a cube, half red, half white"),
+    DemoSubject("zigzag_dog", "dog", Look((245, 130, 25), "zigzag", (25, 25, 28)), "an orange dog with black zigzags"),
 )
 # Where each of the five photos is taken: (scene, position, size); varied as DreamBooth's photos are.
 PHOTOS = (
