@@ -28,8 +28,7 @@ from eval.metrics import CLIPScorer, DINOScorer, canny_iou_f1
 from eval.prompts import Subject, load_benchmark
 from hra_diffusion.cli import HelpFormatter
 from hra_diffusion.demo_world import UNIQUE_TOKEN, DemoWorld, find_demo_world
-from hra_diffusion.model import hra_adapters, set_active_adapters
-from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline, pipeline_components
+from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
 
 # Ten prompts that differ in class, color and scene: retrieval among them is 10% by chance.
 PROBE_PROMPTS = (
@@ -73,13 +72,8 @@ class World:
     def use(self, adapters: Sequence[Path], strengths: Sequence[float] | None = None) -> None:
         """Exactly these adapters active (none: the base model). Each file is named by its path's digest: trainers
         all write hra_adapter.safetensors, and a name already loaded would be reused instead of the new file."""
-        if adapters:
-            names = ["a" + hashlib.sha256(str(Path(p).resolve()).encode()).hexdigest()[:12] for p in adapters]
-            attach_adapters(self.pipe, list(adapters), strengths=strengths, names=names)
-        else:
-            for model in pipeline_components(self.pipe).values():
-                if hra_adapters(model):
-                    set_active_adapters(model, [])
+        names = ["a" + hashlib.sha256(str(Path(p).resolve()).encode()).hexdigest()[:12] for p in adapters]
+        attach_adapters(self.pipe, list(adapters), strengths=strengths, names=names)
 
 
 def prompt_following(world: World, seeds: Sequence[int] = (0, 1, 2)) -> dict:
