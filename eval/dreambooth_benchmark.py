@@ -413,7 +413,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--learning_rate", type=float, default=1e-4)
     train.add_argument("--hra_r", type=int, default=8, help="the paper used r=7; see docs/evaluate.md")
     train.add_argument("--hra_lambda", type=float, default=0.0, help="orthogonality regularizer weight")
-    train.add_argument("--hra_apply_GS", action="store_true", help="strictly orthogonal (the paper's lambda=inf)")
+    train.add_argument("--hra_apply_GS", action="store_true",
+                       help="strictly orthogonal planes, identity at start (near the paper's lambda=inf: api.md)")
     train.add_argument("--train_resolution", type=int, default=512)
     train.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True)
     train.add_argument("--num_class_images", type=int, default=200)

@@ -13,7 +13,9 @@ class HRAConfig:
     """Settings of one HRA adapter (peft's names where peft has them).
 
     r: reflections per layer; even r starts exactly at the base model (paired init).
-    apply_GS: strictly orthogonal planes (the paper's lambda = infinity), identity at start for any r.
+    apply_GS: strictly orthogonal planes (Gram-Schmidt), applied as (I - 2QQ^T)(I - 2Q0Q0^T) with Q0 the frozen
+        initial planes: identity at start for any r, and a weight update of rank up to 2r. The paper's lambda =
+        infinity (and peft's apply_GS) is I - 2QQ^T alone: rank r, never the identity.
     lambda_orth: weight of the orthogonality regularizer sum ||I - U^T U||_F^2 (ignored with apply_GS).
     target_modules: module-name suffixes ("to_q", "attn1.to_out.0") or, as a string, one regex matched in full
         against module paths, like peft.
