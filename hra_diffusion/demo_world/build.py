@@ -13,10 +13,8 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import folder_mode
+from ..io import atomic_folder
 from .scene import CLASSES, COLORS, PATTERNS, SCENES, SIZES, world_sample
 from .subjects import write_subjects
 
@@ -50,24 +48,13 @@ class BuildConfig:
 # ---------------------------------------------------------------- helpers
 
 
-@contextmanager
-def _stage(out: Path, name: str, log: dict) -> Iterator[Path | None]:
-    """Yield a temp folder to fill for stage `name`, renamed to out/name on success; None if it exists already."""
-    final = out / name
-    if final.exists():
+def _stage(out: Path, name: str, log: dict, write: Callable[[Path], None]) -> None:
+    """Build stage `name` into out/name with the library's atomic folder writer; skipped when it is already there."""
+    if (out / name).exists():
         print(f"[{name}] already built, skipped")
-        yield None
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     start = time.time()
-    try:
-        yield tmp
-        tmp.chmod(folder_mode())
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_folder(out / name, write)
     log[name] = {**log.get(name, {}), "seconds": round(time.time() - start, 1)}
     print(f"[{name}] done in {time.time() - start:.0f} s")
 
@@ -305,34 +292,25 @@ def _build_base(out: Path, cfg: BuildConfig, world: World, tokenizer, log: dict)
     from ..tiny import ddim_scheduler
 
     scheduler = ddim_scheduler("epsilon")
-    with _stage(out, "parts/vae", log) as tmp:
-        if tmp is not None:
-            build_vae(world, cfg, log).save_pretrained(tmp)
+    _stage(out, "parts/vae", log, lambda tmp: build_vae(world, cfg, log).save_pretrained(tmp))
     vae = AutoencoderKL.from_pretrained(out / "parts/vae").eval()
 
-    with _stage(out, "scorer/clip", log) as tmp:
-        if tmp is not None:
-            save_scorer(build_scorer(world, cfg, tokenizer, log), tokenizer, tmp)
+    _stage(out, "scorer/clip", log, lambda tmp: save_scorer(build_scorer(world, cfg, tokenizer, log), tokenizer, tmp))
     clip = CLIPModel.from_pretrained(out / "scorer/clip")
     text_encoder = CLIPTextModel(clip.config.text_config)
     getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())  # flat in v5
     text_encoder.eval().requires_grad_(False)
 
-    with _stage(out, "scorer/dino", log) as tmp:
-        if tmp is not None:
-            save_dino(build_dino(world, cfg, log), tmp)
+    _stage(out, "scorer/dino", log, lambda tmp: save_dino(build_dino(world, cfg, log), tmp))
 
-    with _stage(out, "parts/unet", log) as tmp:
-        if tmp is not None:
-            build_unet(world, cfg, vae, text_encoder, tokenizer, scheduler, log).save_pretrained(tmp)
+    _stage(out, "parts/unet", log,
+           lambda tmp: build_unet(world, cfg, vae, text_encoder, tokenizer, scheduler, log).save_pretrained(tmp))
     unet = UNet2DConditionModel.from_pretrained(out / "parts/unet")
 
-    with _stage(out, "base", log) as tmp:
-        if tmp is not None:
-            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-            pipe.save_pretrained(tmp)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    _stage(out, "base", log, pipe.save_pretrained)
 
 
 def build(out: str | Path, cfg: BuildConfig | None = None) -> Path:
@@ -351,9 +329,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> Path:
 
     if not (out / "base").exists():
         _build_base(out, cfg, world, tokenizer, log)
-    with _stage(out, "subjects", log) as tmp:
-        if tmp is not None:
-            write_subjects(tmp, SIZE)
+    _stage(out, "subjects", log, lambda tmp: write_subjects(tmp, SIZE))
     for folder in ("base", "scorer/clip", "scorer/dino"):
         _to_fp16_safetensors(out / folder)
     shutil.rmtree(out / "parts", ignore_errors=True)
