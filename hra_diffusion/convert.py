@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 
 from .cli import HelpFormatter
-from .export import export_lora, export_merged, export_peft, lora_file
+from .export_formats import EXPORT_FORMATS
 from .io import AdapterFileError, AdapterMismatchError, load_hra
 from .model import hra_adapters, set_active_adapters
 from .pipelines import load_pipeline, pipeline_components
-
-TARGETS = ("peft", "lora-diffusers", "lora-kohya", "merged")
 
 
 def convert(
@@ -29,11 +27,13 @@ def convert(
     base_model: str,
     adapter_name: str | None = None,
     strength: float = 1.0,
-) -> list[Path]:
-    """Load ``source`` onto the base pipeline and write it as ``to``; returns what was written."""
-    if to not in TARGETS:
-        raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
-    target = lora_file(out) if to.startswith("lora-") else Path(out)
+) -> Path:
+    """Load ``source`` onto the base pipeline and write it in format ``to`` (see EXPORT_FORMATS); returns the file
+    or folder written."""
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"--to must be one of {list(EXPORT_FORMATS)}, got {to!r}")
+    fmt = EXPORT_FORMATS[to]
+    target = fmt.target(out)
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise FileExistsError(f"{target} already exists; choose another OUT (or delete it first)")
     pipe = load_pipeline(base_model, device="cpu")  # SD 1.x/2.x or SDXL; clear errors for missing models
@@ -43,27 +43,26 @@ def convert(
     (name,) = {n for model in adapted.values() for n in hra_adapters(model)}
     for model in adapted.values():
         set_active_adapters(model, [name], [strength])
-    if to == "peft":  # one peft folder per model: OUT itself, or OUT/<component> when text encoders have parts
-        if len(adapted) == 1:
-            return [export_peft(next(iter(adapted.values())), out, name, base_model=base_model)]
-        return [export_peft(model, Path(out) / comp, name, base_model=base_model) for comp, model in adapted.items()]
-    if to == "merged":
-        return [export_merged(pipe, out)]
-    return [export_lora(adapted, out, format=to.removeprefix("lora-"), adapter_name=name)]
+    return fmt.write(pipe, out, name, base_model)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--to`` lists EXPORT_FORMATS with their descriptions."""
     parser = argparse.ArgumentParser(
-        prog="python -m hra_diffusion.convert", description=__doc__.splitlines()[0],
+        prog="python -m hra_diffusion.convert",
+        description=__doc__.splitlines()[0],
         formatter_class=HelpFormatter,
     )
     parser.add_argument("source", metavar="IN", help="HRA Studio adapter file (.safetensors) or peft HRA folder")
+    folders = ", ".join(fmt.name for fmt in EXPORT_FORMATS.values() if fmt.folder)
+    files = ", ".join(fmt.name for fmt in EXPORT_FORMATS.values() if not fmt.folder)
     parser.add_argument(
         "out",
         metavar="OUT",
-        help="output: a folder (peft, merged; must not exist) or, for LoRA, a .safetensors file or a folder",
+        help=f"output: for {folders} a folder that must not exist; for {files} a .safetensors file or a folder",
     )
-    parser.add_argument("--to", required=True, choices=TARGETS, help="output format")
+    formats = "; ".join(f"{fmt.name}: {fmt.description}" for fmt in EXPORT_FORMATS.values())
+    parser.add_argument("--to", required=True, choices=list(EXPORT_FORMATS), help=f"output format. {formats}")
     parser.add_argument("--base-model", required=True, help="pipeline the adapter was trained on (folder, hub id)")
     parser.add_argument("--adapter-name", default=None, help="name to load the adapter under (default: the file's)")
     parser.add_argument(
@@ -72,14 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="bake in H^strength (0..1) for lora-* and merged; peft needs 1",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         written = convert(args.source, args.out, args.to, args.base_model, args.adapter_name, args.strength)
     except (AdapterFileError, AdapterMismatchError, OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path in written:
-        print(path)
+    print(written)
     return 0
 
 

@@ -6,6 +6,8 @@
   up = -(W V S) with alpha = k reproduces the adapter exactly in every LoRA loader (diffusers, ComfyUI, A1111).
   It bakes in the base weights W it was computed from.
 - merged: W H folded into the weights, saved as a plain diffusers pipeline (plus one ``unet.safetensors``).
+
+These are the writers; ``export_formats.EXPORT_FORMATS`` names the formats for the convert command and the app.
 """
 
 from __future__ import annotations
