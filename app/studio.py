@@ -22,10 +22,10 @@ from PIL import Image
 from hra_diffusion import HRAConfig
 from hra_diffusion.control import CONTROL_KIND, make_condition
 from hra_diffusion.demo_world import UNIQUE_TOKEN, find_demo_world
-from hra_diffusion.export import export_lora, export_merged, export_peft
+from hra_diffusion.export_formats import EXPORT_FORMATS
 from hra_diffusion.images import ImageError, load_image
 from hra_diffusion.io import atomic_write, read_hra_metadata
-from hra_diffusion.pipelines import attach_adapters, is_sdxl, load_pipeline, pipeline_components, unload_adapter
+from hra_diffusion.pipelines import attach_adapters, is_sdxl, load_pipeline, unload_adapter
 from hra_diffusion.pipelines import generate as sample
 
 from .jobs import Job, JobQueue
@@ -39,13 +39,11 @@ MAX_ADAPTER_BYTES = 2 * 1024**3
 CONTROL_TYPES = ("canny", "none")  # the preprocessors that run offline, without detector weights
 TOKEN_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
 CLASS_RE = re.compile(r"[A-Za-z][A-Za-z -]{0,39}")
-# format -> (file name in the export cache, what it is for)
-EXPORTS: dict[str, tuple[str, str]] = {
-    "hra": ("", "HRA Studio file: this app, hra_diffusion.load_hra"),
-    "peft": ("peft.zip", "peft HRA folder (zip): PeftModel.from_pretrained"),
-    "lora-diffusers": ("lora_diffusers.safetensors", "exact LoRA, diffusers keys: pipe.load_lora_weights"),
-    "lora-kohya": ("lora_kohya.safetensors", "exact LoRA, kohya keys: ComfyUI, A1111"),
-    "merged": ("merged.zip", "the base model with the adapter merged in (zip of a diffusers folder)"),
+HRA_FILE = "hra"  # the adapter file as stored, metadata and all; a control adapter's only download
+# What export_adapter offers, format -> what it is for: the stored file, then the library's export formats.
+DOWNLOADS: dict[str, str] = {
+    HRA_FILE: "HRA Studio file: this app, hra_diffusion.load_hra",
+    **{name: f"{fmt.description} (zip)" if fmt.folder else fmt.description for name, fmt in EXPORT_FORMATS.items()},
 }
 
 
@@ -389,15 +387,21 @@ class Studio:
             self.store.add(upload, name)
         return self.store.info(name)
 
-    def export_adapter(self, name: str, fmt: str = "hra") -> Path:
-        """A downloadable file of adapter ``name`` in format ``fmt`` (see EXPORTS), made once and cached."""
-        if fmt not in EXPORTS:
-            raise ValueError(f"unknown export format {fmt!r}; choose from {sorted(EXPORTS)}")
-        if fmt == "hra":
+    def export_adapter(self, name: str, fmt: str = HRA_FILE) -> Path:
+        """A downloadable file of adapter ``name`` in format ``fmt`` (see DOWNLOADS), made once and cached.
+
+        Every part of the adapter (UNet and text encoders) is exported, as the convert command does; folders are
+        zipped, since a browser downloads one file.
+        """
+        if fmt not in DOWNLOADS:
+            raise ValueError(f"unknown export format {fmt!r}; choose from {list(DOWNLOADS)}")
+        if fmt == HRA_FILE:
             return self.store.path(name)
         if self.store.info(name)["kind"] == CONTROL_KIND:
             raise ValueError("a control adapter downloads as an HRA file only: its hint encoder has no other form")
-        target = self.store.export_path(name, EXPORTS[fmt][0])  # dropped whenever the adapter's file changes
+        export = EXPORT_FORMATS[fmt]
+        # dropped whenever the adapter's file changes
+        target = self.store.export_path(name, f"{export.output}.zip" if export.folder else export.output)
         if target.is_file():
             return target
         with self._lock:

@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from .jobs import ACTIVE
-from .studio import CONTROL_KIND, CONTROL_TYPES, EXPORTS, MAX_PHOTOS, Studio, TrainSettings
+from .studio import CONTROL_KIND, CONTROL_TYPES, DOWNLOADS, HRA_FILE, MAX_PHOTOS, Studio, TrainSettings
 
 USER_ERRORS = (ValueError, KeyError, OSError)  # the library's errors (bad photo, wrong base model) subclass these
 JOB_COLUMNS = ["job", "status", "step", "loss", "subject", "queued at", "adapter"]
@@ -360,7 +360,7 @@ def build(studio: Studio) -> gr.Blocks:
                                          elem_id="adapter-table")
             with gr.Row():
                 chosen = gr.Dropdown(label="Adapter", allow_custom_value=True, elem_id="shelf-adapter")
-                fmt = gr.Radio([(f"{k}: {v[1]}", k) for k, v in EXPORTS.items()], value="hra", label="Download as")
+                fmt = gr.Radio([(f"{k}: {v}", k) for k, v in DOWNLOADS.items()], value=HRA_FILE, label="Download as")
             with gr.Row():
                 download_btn = gr.Button("Prepare download", variant="primary")
                 delete_btn = gr.Button("Delete", variant="stop")
