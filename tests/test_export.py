@@ -1,12 +1,16 @@
 """Exports read by their real consumers (peft, diffusers' LoRA loader in both key formats, from_pretrained), strength
-and mixing at pipeline level, and the convert CLI."""
+and mixing at pipeline level, the convert CLI, and the one registry of formats that convert, the app and the docs
+share."""
 
 import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +29,12 @@ from hra_diffusion import (
     set_active_adapters,
 )
 from hra_diffusion import householder as hh
+from hra_diffusion.convert import build_parser
 from hra_diffusion.convert import main as convert_main
 from hra_diffusion.export import export_lora, export_merged, export_peft
+from hra_diffusion.export_formats import EXPORT_FORMATS
+
+REPO = Path(__file__).resolve().parents[1]
 
 GEN = {"prompt": "a photo of sks dog", "num_inference_steps": 2, "output_type": "latent"}
 
@@ -299,3 +307,98 @@ def test_convert_refuses_an_existing_output_before_loading_the_model(tmp_path, c
         assert convert_main(["in.safetensors", str(out), "--to", to, "--base-model", "unused"]) == 2
         assert "already exists" in capsys.readouterr().err
     assert existing.read_bytes() == b"mine"
+
+
+def table_rows(doc: Path, header: str) -> dict[str, str]:
+    """{first cell: second cell} of the markdown table under ``header``, backticks stripped from the first."""
+    lines = doc.read_text(encoding="utf-8").splitlines()
+    start = lines.index(header) + 2  # past the header and its | --- | line
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def test_convert_the_app_and_the_docs_offer_the_one_registry():
+    import app.studio as studio_module
+    import hra_diffusion.convert as convert_module
+
+    assert studio_module.EXPORT_FORMATS is convert_module.EXPORT_FORMATS is EXPORT_FORMATS
+    [to] = [action for action in build_parser()._actions if action.dest == "to"]
+    assert to.choices == list(EXPORT_FORMATS)
+    assert all(fmt.description in to.help for fmt in EXPORT_FORMATS.values())
+    downloads = studio_module.DOWNLOADS
+    assert list(downloads) == [studio_module.HRA_FILE, *EXPORT_FORMATS]
+    assert all(downloads[name].startswith(fmt.description) for name, fmt in EXPORT_FORMATS.items())
+
+    documented = table_rows(REPO / "docs" / "export.md", "| `--to` | what it is: how it loads | from Python |")
+    assert documented == {name: fmt.description for name, fmt in EXPORT_FORMATS.items()}
+    assert list(table_rows(REPO / "docs" / "app.md", "| download as | file | for |")) == list(downloads)
+    assert re.search(r"--to " + re.escape("|".join(EXPORT_FORMATS)) + r" ", (REPO / "docs" / "export.md").read_text())
+
+
+@pytest.fixture(scope="module")
+def app_with_two_part_adapter(tiny_sd, tmp_path_factory):
+    """The app (its Studio, no web page) holding an adapter with UNet and text-encoder parts, and what the
+    HRA-adapted models compute, which every export must reproduce."""
+    from app.studio import Studio
+
+    hra_pipe = pipeline(tiny_sd)
+    base_text = text_out(hra_pipe.text_encoder)
+    adapted(hra_pipe.unet, HRAConfig(r=4, target_modules=UNET_TARGETS))
+    adapted(hra_pipe.text_encoder, HRAConfig(r=2, target_modules=TE_TARGETS), seed=1)
+    expected_text = text_out(hra_pipe.text_encoder)
+    assert ((expected_text - base_text).norm() / base_text.norm()).item() > 1e-2, "a text-encoder part that matters"
+    folder = tmp_path_factory.mktemp("app")
+    source = save_hra({"unet": hra_pipe.unet, "text_encoder": hra_pipe.text_encoder}, folder / "subject.safetensors")
+    studio = Studio(folder / "data", base_model=str(tiny_sd), warm=False)
+    name = studio.import_adapter(source)["name"]
+    yield studio, name, unet_out(hra_pipe.unet), expected_text
+    studio.close()
+
+
+def peft_models(base, folder):
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    assert sorted(p.name for p in folder.iterdir()) == ["text_encoder", "unet"]  # a peft folder holds one model
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    return PeftModel.from_pretrained(unet, folder / "unet"), PeftModel.from_pretrained(
+        text_encoder, folder / "text_encoder"
+    )
+
+
+def lora_models(base, file):
+    pipe = pipeline(base)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    return pipe.unet, pipe.text_encoder
+
+
+def merged_models(base, folder):
+    pipe = pipeline(folder)
+    return pipe.unet, pipe.text_encoder
+
+
+# Each format's real consumer: (base model folder, the export, unzipped) -> (unet, text encoder) as loaded there
+CONSUMERS = {"peft": peft_models, "lora-diffusers": lora_models, "lora-kohya": lora_models, "merged": merged_models}
+
+
+@pytest.mark.parametrize("fmt", list(EXPORT_FORMATS))
+def test_every_app_export_keeps_the_text_encoder_part(app_with_two_part_adapter, tiny_sd, tmp_path, fmt,
+                                                      load_warnings):  # fmt: skip
+    """The app once exported peft from the UNet alone, silently dropping the text encoder's part."""
+    assert fmt in CONSUMERS, f"{fmt}: a new export format needs its real consumer in CONSUMERS"
+    studio, name, expected_unet, expected_text = app_with_two_part_adapter
+    path = studio.export_adapter(name, fmt)
+    if EXPORT_FORMATS[fmt].folder:
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(tmp_path / fmt)
+        path = tmp_path / fmt
+    unet, text_encoder = CONSUMERS[fmt](tiny_sd, path)
+    assert not load_warnings, [r.getMessage() for r in load_warnings]
+    assert_rel(unet_out(unet), expected_unet)
+    assert_rel(text_out(text_encoder), expected_text)
