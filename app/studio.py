@@ -407,16 +407,13 @@ class Studio:
         with self._lock:
             pipe = self._pipeline()
             self._use(name, None)
-            work = target.with_name(f"{target.stem}-work")
-            shutil.rmtree(work, ignore_errors=True)
-            if fmt == "peft":
-                _zip(export_peft(pipe.unet, work, adapter_name=name, base_model=self.base_model), target)
-            elif fmt == "merged":
-                _zip(export_merged(pipe, work, adapter_name=name), target)
+            if export.folder:
+                work = target.with_name(f"{target.stem}-work")
+                shutil.rmtree(work, ignore_errors=True)
+                _zip(export.write(pipe, work, name, self.base_model), target)
+                shutil.rmtree(work, ignore_errors=True)
             else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                export_lora(pipeline_components(pipe), target, format=fmt.removeprefix("lora-"), adapter_name=name)
-            shutil.rmtree(work, ignore_errors=True)
+                export.write(pipe, target, name, self.base_model)
         return target
 
     # ---------------------------------------------------------------------------------------------------- files
