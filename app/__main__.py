@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         help="require this login (default: $HRA_STUDIO_AUTH); needed whenever the page is reachable by others",
     )
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("gradio") is None:  # the console script comes with the library alone too
+        parser.exit(1, 'hra-studio: the app needs gradio: pip install "hra-studio[app]"\n')
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")

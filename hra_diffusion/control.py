@@ -255,10 +255,17 @@ def load_control_adapter(unet: nn.Module, path: str | os.PathLike, adapter_name:
 
 
 def _controlnet_aux() -> Any:
-    """Import controlnet_aux lazily (it loads every detector, 2-3 s) and quietly (some detectors warn on import)."""
+    """Import controlnet_aux lazily (it loads every detector, 2-3 s) and quietly (some detectors warn on import); it
+    is an extra, so the library alone installs without it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import controlnet_aux
+        try:
+            import controlnet_aux
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                f'condition maps need controlnet_aux (no module {err.name!r}): pip install "hra-studio[train]"',
+                name=err.name,
+            ) from err
     return controlnet_aux
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install HRA Studio with its test extras.
+# Create .venv and install HRA Studio with every extra (train, app, eval) and its test tools (dev).
 #
 # torch: if the venv already has one, it is kept. On a machine without an NVIDIA GPU we install
 # torch==2.13.0 (the CPU wheel these build machines carry) and pin torchvision 0.28.0, its matching
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${HRA_EXTRAS:-dev}
+EXTRAS=${HRA_EXTRAS:-all,dev}
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
