@@ -5,8 +5,10 @@ GPU (or the CPU cores) are used by one job at a time. Every job lives in ``jobs/
 trainer's output folder, its log and progress files), written atomically, so the queue survives an app restart: a
 job that was running when the app died comes back as "interrupted" and resumes from its last checkpoint.
 
-The progress protocol is the trainer's ``--progress_file`` (JSON lines: start, step, validation, checkpoint, done,
-stopped, error); SIGTERM asks it to finish the current step, save a checkpoint and the adapter, and exit.
+Each job is a typed request: ``request.json`` in its folder holds the trainer's settings dataclass, and the trainer
+runs with ``--config request.json`` (plus the attempt's progress file and, on a resume, ``latest``). The progress
+protocol is :mod:`hra_diffusion.train.events`; SIGTERM asks the trainer to finish the current step, save a checkpoint
+and the adapter, and exit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from hra_diffusion.io import atomic_write
+from hra_diffusion.train import events
+from hra_diffusion.train.events import ProgressReader
+from hra_diffusion.train.settings import TrainSettings, trainer_argv, write_request
 
 QUEUED, RUNNING, STOPPING = "queued", "running", "stopping"
 DONE, STOPPED, CANCELLED, FAILED, INTERRUPTED = "done", "stopped", "cancelled", "failed", "interrupted"
@@ -33,6 +38,7 @@ POLL_S = 0.25
 STOP_GRACE_S = 120.0  # SIGTERM waits for the current step; a real SD step on a CPU can take half a minute
 LOG_TAIL_CHARS = 2000
 MAX_HISTORY = 1000
+REQUEST_FILE = "request.json"
 
 
 @dataclass
@@ -41,8 +47,8 @@ class Job:
 
     id: str
     seq: int
-    argv: list[str]
-    settings: dict[str, Any]
+    trainer: str  # the trainer's module, run as ``python -m trainer --config request.json``
+    settings: dict[str, Any]  # what the page asked, for showing the job
     status: str = QUEUED
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -70,55 +76,25 @@ class Job:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def apply(self, event: dict[str, Any]) -> None:
+    def apply(self, event: events.Event) -> None:
         """Fold one progress event into the job."""
-        kind = event.get("event")
-        if kind in ("start", "step"):
-            self.max_steps = int(event.get("max_steps", self.max_steps))
-        if kind == "step":
-            self.step = int(event["step"])
-            self.loss = event.get("loss")
-            self.elapsed_s = event.get("elapsed_s")
-            self.eta_s = event.get("eta_s")
-            if isinstance(self.loss, (int, float)):
-                self.history = [h for h in self.history if h[0] < self.step]  # a resumed run repeats later steps
-                self.history.append([self.step, float(self.loss), float(event.get("orth") or 0.0)])
-                if len(self.history) > MAX_HISTORY:  # keep job.json small on long runs: every other point
-                    self.history = self.history[::2]
-        elif kind == "validation":
-            self.samples += [path for path in event.get("images", []) if path not in self.samples]
-        elif kind == "checkpoint":
-            self.checkpoint = event.get("path")
-        elif kind in ("done", "stopped"):
-            self.ended, self.step = kind, int(event.get("step", self.step))
-            self.adapter = event.get("adapter") or self.adapter
-        elif kind == "error":
-            self.ended, self.message = kind, str(event.get("message", ""))
-
-
-class ProgressReader:
-    """Reads the JSON lines appended to a file since the last call; a half-written last line waits for the next."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        events = []
-        for line in data[:end].splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line the trainer did not write as JSON (never expected) must not stop the job
-        return events
+        if isinstance(event, (events.Start, events.Step)):
+            self.max_steps = event.max_steps
+        if isinstance(event, events.Step):
+            self.step, self.loss, self.elapsed_s, self.eta_s = event.step, event.loss, event.elapsed_s, event.eta_s
+            self.history = [h for h in self.history if h[0] < self.step]  # a resumed run repeats later steps
+            self.history.append([self.step, float(event.loss), float(event.orth)])
+            if len(self.history) > MAX_HISTORY:  # keep job.json small on long runs: every other point
+                self.history = self.history[::2]
+        elif isinstance(event, events.Validation):
+            self.samples += [path for path in event.images if path not in self.samples]
+        elif isinstance(event, events.Checkpoint):
+            self.checkpoint = event.path
+        elif isinstance(event, (events.Done, events.Stopped)):
+            self.ended, self.step = event.kind, event.step
+            self.adapter = event.adapter or self.adapter
+        elif isinstance(event, events.Error):
+            self.ended, self.message = event.kind, event.message
 
 
 def _is_our_trainer(pid: int, job_dir: Path) -> bool:
@@ -170,15 +146,16 @@ class JobQueue:
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def submit(self, settings: dict[str, Any], prepare: Callable[[Path], list[str]]) -> Job:
-        """Create a job folder, let ``prepare(folder)`` fill it and return the trainer's argv, then queue it."""
+    def submit(self, settings: dict[str, Any], trainer: str, prepare: Callable[[Path], TrainSettings]) -> Job:
+        """Create a job folder, let ``prepare(folder)`` fill it (photos) and return the trainer's settings, write them
+        as the job's request, then queue it. ``settings`` is what the page shows of the job."""
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = self.job_dir(job_id)
         folder.mkdir(parents=True)
-        argv = prepare(folder)
+        write_request(prepare(folder), folder / REQUEST_FILE)
         with self._cond:
             seq = max((j.seq for j in self.jobs.values()), default=0) + 1
-            job = Job(id=job_id, seq=seq, argv=argv, settings=settings)
+            job = Job(id=job_id, seq=seq, trainer=trainer, settings=settings)
             self.jobs[job_id] = job
             self._save(job)
             self._cond.notify_all()
@@ -290,9 +267,8 @@ class JobQueue:
     def _run(self, job: Job) -> None:
         folder = self.job_dir(job.id)
         progress = folder / f"progress-{job.attempts}.jsonl"
-        argv = [*job.argv, "--progress_file", str(progress)]
-        if job.attempts > 1:
-            argv += ["--resume_from_checkpoint", "latest"]
+        argv = trainer_argv(job.trainer, folder / REQUEST_FILE, progress_file=progress,
+                            resume_from_checkpoint="latest" if job.attempts > 1 else None)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(folder / "train.log", "ab") as log:
             log.write(f"\n$ {' '.join(argv)}\n".encode())

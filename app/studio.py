@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import threading
 import zipfile
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +18,6 @@ from typing import Any
 
 from PIL import Image
 
-from hra_diffusion import HRAConfig
 from hra_diffusion.control import CONTROL_KIND, make_condition
 from hra_diffusion.demo_world import UNIQUE_TOKEN, find_demo_world
 from hra_diffusion.export_formats import EXPORT_FORMATS
@@ -27,6 +25,8 @@ from hra_diffusion.images import ImageError, load_image
 from hra_diffusion.io import atomic_write, read_hra_metadata
 from hra_diffusion.pipelines import attach_adapters, is_sdxl, load_pipeline, unload_adapter
 from hra_diffusion.pipelines import generate as sample
+from hra_diffusion.train.settings import MAX_SEED
+from training.dreambooth_hra import DreamBoothSettings
 
 from .jobs import Job, JobQueue
 from .lock import DataDirLock
@@ -47,7 +47,7 @@ DOWNLOADS: dict[str, str] = {
 }
 
 
-MAX_SEED = 2**32 - 1  # what torch, numpy and the trainers accept
+TRAINER = "training.dreambooth_hra"
 MAX_R = 256
 
 
@@ -58,8 +58,9 @@ def _in_range(name: str, value: float, low: float, high: float) -> None:
 
 
 @dataclass
-class TrainSettings:
-    """What the Train tab asks; defaults suit SD 1.5 (:meth:`Studio.defaults` shrinks them for the demo)."""
+class TrainForm:
+    """What the Train tab asks; defaults suit SD 1.5 (:meth:`Studio.defaults` shrinks them for the demo). The page's
+    own limits are checked here; :meth:`Studio.request` turns it into the trainer's settings, which check the rest."""
 
     token: str = "sks"
     class_noun: str = "dog"
@@ -74,11 +75,8 @@ class TrainSettings:
     preview_steps: int = 20  # sampling steps of each preview image
 
     def check(self) -> None:
-        """ValueError naming the first bad field and its range; HRA's own rules (e.g. even r) come from HRAConfig.
-
-        Every number is checked here, once, before anything is created: a job folder is never made for a request
-        the trainer would refuse later (or, like a 2**64 seed, could not even store).
-        """
+        """ValueError naming the first bad field and its range, before anything is created: a job folder is never
+        made for a request the trainer would refuse later (or, like a 2**64 seed, could not even store)."""
         if not TOKEN_RE.fullmatch(self.token):
             raise ValueError(f"subject token {self.token!r}: one word of letters, digits or '_' (e.g. sks)")
         if not CLASS_RE.fullmatch(self.class_noun):
@@ -94,7 +92,6 @@ class TrainSettings:
         _in_range("class images", self.num_class_images, 1, 10_000)
         _in_range("seed", self.seed, 0, MAX_SEED)
         _in_range("preview steps", self.preview_steps, 1, 150)
-        HRAConfig(r=self.r, lambda_orth=self.lambda_orth)
 
     @property
     def instance_prompt(self) -> str:
@@ -110,7 +107,7 @@ DEMO_WORLD_LABEL = "the demo world (a small Stable Diffusion trained on toy pict
 # Chosen on the demo subjects (docs/app.md has the measurements): 600 steps at 1e-3 bind a subject in about a
 # minute on 2 CPU cores (plus about 30 s for the class images, once per class); 3e-3 binds harder but moves the
 # class images and the prompts further.
-DEMO_WORLD_SETTINGS = TrainSettings(token=UNIQUE_TOKEN, class_noun="toy", steps=600, learning_rate=1e-3,
+DEMO_WORLD_SETTINGS = TrainForm(token=UNIQUE_TOKEN, class_noun="toy", steps=600, learning_rate=1e-3,
                                     resolution=64, prior_preservation=True, num_class_images=20, preview_steps=20)
 
 
@@ -167,13 +164,13 @@ class Studio:
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def defaults(self) -> TrainSettings:
+    def defaults(self) -> TrainForm:
         if self.world is not None:
             return replace(DEMO_WORLD_SETTINGS)
         if self.demo:
             # It draws noise whatever the steps: small, quick previews keep the demo snappy on a CPU.
-            return TrainSettings(steps=40, resolution=64, num_class_images=8, preview_steps=4)
-        return TrainSettings(resolution=1024) if self._base_is_sdxl() else TrainSettings()
+            return TrainForm(steps=40, resolution=64, num_class_images=8, preview_steps=4)
+        return TrainForm(resolution=1024) if self._base_is_sdxl() else TrainForm()
 
     def demo_subjects(self) -> list[dict[str, Any]]:
         """The demo world's subjects (name, class noun, photo paths) for one-click examples; [] elsewhere."""
@@ -213,9 +210,9 @@ class Studio:
                 good.append(path)
         return good, rejected
 
-    def train(self, photos: list[str | Path], settings: TrainSettings) -> dict[str, Any]:
+    def train(self, photos: list[str | Path], form: TrainForm) -> dict[str, Any]:
         """Queue a DreamBooth run on the usable photos; the answer lists the rejected ones with their reasons."""
-        settings.check()
+        request = self.request(form)
         good, rejected = self.check_photos(photos)
         if not good:
             reasons = "; ".join(f"{r['file']}: {r['reason']}" for r in rejected) or "no files were given"
@@ -223,47 +220,48 @@ class Studio:
         if len(good) > MAX_PHOTOS:
             raise ValueError(f"{len(good)} photos; at most {MAX_PHOTOS} per run (DreamBooth needs 3-20)")
 
-        def prepare(folder: Path) -> list[str]:
-            instance = folder / "instance"
+        def prepare(folder: Path) -> DreamBoothSettings:
+            instance = folder / request.instance_data_dir
             instance.mkdir()
             for i, photo in enumerate(good):
                 shutil.copyfile(photo, instance / f"{i:02d}-{slug(photo.stem, 'photo')}{photo.suffix.lower()}")
-            return self._trainer_argv(folder, settings)
+            return request
 
-        job = self.jobs.submit({**asdict(settings), "photos": len(good)}, prepare)
+        job = self.jobs.submit({**asdict(form), "photos": len(good)}, TRAINER, prepare)
         return {**self.describe(job), "rejected": rejected}
 
-    def _trainer_argv(self, folder: Path, s: TrainSettings) -> list[str]:
-        """The DreamBooth trainer's command line (diffusers' flag names)."""
-        argv = [
-            sys.executable, "-m", "training.dreambooth_hra",
-            "--pretrained_model_name_or_path", self.base_model,
-            "--instance_data_dir", str(folder / "instance"),
-            "--instance_prompt", s.instance_prompt,
-            "--output_dir", str(folder / "out"),
-            "--resolution", str(s.resolution),
-            "--max_train_steps", str(s.steps),
-            "--learning_rate", str(s.learning_rate),
-            "--hra_r", str(s.r),
-            "--hra_lambda", str(s.lambda_orth),
-            "--checkpointing_steps", str(s.preview_every),
-            "--validation_prompt", s.instance_prompt,
-            "--validation_steps", str(s.preview_every),
-            "--num_validation_images", "1",
-            "--num_validation_inference_steps", str(s.preview_steps),
-            "--seed", str(s.seed),
-        ]  # fmt: skip
-        if s.prior_preservation:
+    def request(self, form: TrainForm) -> DreamBoothSettings:
+        """The DreamBooth trainer's settings for ``form``: the page's limits, then the trainer's own checks (HRA's
+        rules included) as the settings are made. Paths inside the job are relative: the trainer runs in its folder."""
+        form.check()
+        prior = {}
+        if form.prior_preservation:
             # Class images depend only on the base model and the class: shared by every job that asks for them.
             model_key = hashlib.sha256(self.base_model.encode()).hexdigest()[:8]
-            class_dir = self.data_dir / "class_images" / f"{model_key}-{slug(s.class_noun)}"
-            argv += [
-                "--with_prior_preservation",
-                "--class_prompt", f"a photo of {s.class_noun}",
-                "--class_data_dir", str(class_dir),
-                "--num_class_images", str(s.num_class_images),
-            ]  # fmt: skip
-        return argv
+            prior = {
+                "with_prior_preservation": True,
+                "class_prompt": f"a photo of {form.class_noun}",
+                "class_data_dir": str(self.data_dir / "class_images" / f"{model_key}-{slug(form.class_noun)}"),
+                "num_class_images": form.num_class_images,
+            }
+        return DreamBoothSettings(
+            pretrained_model_name_or_path=self.base_model,
+            instance_data_dir="instance",
+            instance_prompt=form.instance_prompt,
+            output_dir="out",
+            resolution=form.resolution,
+            max_train_steps=form.steps,
+            learning_rate=form.learning_rate,
+            hra_r=form.r,
+            hra_lambda=form.lambda_orth,
+            checkpointing_steps=form.preview_every,
+            validation_prompt=form.instance_prompt,
+            validation_steps=form.preview_every,
+            num_validation_images=1,
+            num_validation_inference_steps=form.preview_steps,
+            seed=form.seed,
+            **prior,
+        )
 
     def _keep_adapter(self, job: Job) -> str:
         """Put a finished (or stopped) job's adapter on the shelf as ``<token>-<job id>``; a resumed job replaces it."""
@@ -274,9 +272,9 @@ class Studio:
         return name
 
     def describe(self, job: Job) -> dict[str, Any]:
-        """A job as the API returns it: no command line or pid, plus the queue position and a 0-1 progress."""
+        """A job as the API returns it: no trainer module or pid, plus the queue position and a 0-1 progress."""
         data = job.to_dict()
-        for key in ("argv", "pid", "ended"):
+        for key in ("trainer", "pid", "ended"):
             data.pop(key)
         data["position"] = self.jobs.position(job.id)
         data["progress"] = min(1.0, job.step / job.max_steps) if job.max_steps else 0.0

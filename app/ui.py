@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from .jobs import ACTIVE
-from .studio import CONTROL_KIND, CONTROL_TYPES, DOWNLOADS, HRA_FILE, MAX_PHOTOS, Studio, TrainSettings
+from .studio import CONTROL_KIND, CONTROL_TYPES, DOWNLOADS, HRA_FILE, MAX_PHOTOS, Studio, TrainForm
 
 USER_ERRORS = (ValueError, KeyError, OSError)  # the library's errors (bad photo, wrong base model) subclass these
 JOB_COLUMNS = ["job", "status", "step", "loss", "subject", "queued at", "adapter"]
@@ -177,7 +177,7 @@ def build(studio: Studio) -> gr.Blocks:
 
     def train(photos: list[str] | None, token: str, class_noun: str, steps: float, r: float, lr: float,
               lam: float, resolution: float, prior: bool, seed: float) -> dict[str, Any]:  # fmt: skip
-        settings = TrainSettings(
+        settings = TrainForm(
             token=(token or "").strip(),
             class_noun=(class_noun or "").strip(),
             steps=_number(steps, "Steps", int),

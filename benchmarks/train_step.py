@@ -109,11 +109,15 @@ def worker(args: argparse.Namespace) -> dict:
     from hra_diffusion import HRAConfig, add_hra
     from hra_diffusion.diffusion import noisy_latents
     from hra_diffusion.io import atomic_write
-    from hra_diffusion.training import ProgressFile, TrainConfig, TrainSpec, make_accelerator, train, trainable_state
+    from hra_diffusion.train import TrainSettings, TrainSpec, train
+    from hra_diffusion.train.checkpointing import trainable_state
+    from hra_diffusion.train.events import ProgressFile
+    from hra_diffusion.train.runtime import make_accelerator
 
     out = Path(args.out_dir) / args.mode
-    cfg = TrainConfig(
-        output_dir=out,
+    cfg = TrainSettings(
+        pretrained_model_name_or_path="SD1.5 UNet config, random weights",
+        output_dir=str(out),
         seed=0,
         train_batch_size=args.batch,
         max_train_steps=args.warmup + args.steps + 1,

@@ -51,7 +51,9 @@ from hra_diffusion.pipelines import (
     pipeline_components,
     set_scheduler,
 )
-from hra_diffusion.training import ADAPTER_FILE
+from hra_diffusion.train import ADAPTER_FILE, write_request
+from hra_diffusion.train.settings import trainer_argv
+from training.dreambooth_hra import DreamBoothSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINER = REPO_ROOT / "training" / "dreambooth_hra.py"
@@ -144,43 +146,50 @@ def run_on_all(state: PartialState, what: str, step: Callable[[], T]) -> T:
     return result
 
 
-def trainer_command(args: argparse.Namespace, subject: Subject) -> list[str]:
-    """The DreamBooth trainer's command line for one subject, with the paper's settings unless flags change them."""
-    if args.train_launcher == "accelerate":
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", str(TRAINER)]
-    else:
-        launcher = [sys.executable, "-m", "training.dreambooth_hra"]
-    command = [
-        *launcher,
-        "--pretrained_model_name_or_path", str(args.base_model),
-        "--instance_data_dir", str(subject.image_paths[0].parent),
-        "--instance_prompt", f"a photo of {args.token} {subject.class_name}",
-        "--output_dir", str(args.adapters_dir / subject.name),
-        "--max_train_steps", str(args.train_steps),
-        "--learning_rate", str(args.learning_rate),
-        "--hra_r", str(args.hra_r),
-        "--hra_lambda", str(args.hra_lambda),
-        "--resolution", str(args.train_resolution),
-        "--seed", str(args.seed),
-    ]
-    if args.hra_apply_GS:
-        command.append("--hra_apply_GS")
+def trainer_request(args: argparse.Namespace, subject: Subject) -> DreamBoothSettings:
+    """The DreamBooth trainer's settings for one subject: the paper's unless flags change them."""
+    prior = {}
     if args.with_prior_preservation:
         class_dir = args.class_dir or args.out / "class_images"
-        command += ["--with_prior_preservation", "--class_prompt", f"a photo of {subject.class_name}",
-                    "--class_data_dir", str(class_dir / subject.class_name.replace(" ", "_")),
-                    "--num_class_images", str(args.num_class_images)]
+        prior = {"with_prior_preservation": True, "class_prompt": f"a photo of {subject.class_name}",
+                 "class_data_dir": str(class_dir / subject.class_name.replace(" ", "_")),
+                 "num_class_images": args.num_class_images}
+    return DreamBoothSettings(
+        pretrained_model_name_or_path=str(args.base_model),
+        instance_data_dir=str(subject.image_paths[0].parent),
+        instance_prompt=f"a photo of {args.token} {subject.class_name}",
+        output_dir=str(args.adapters_dir / subject.name),
+        max_train_steps=args.train_steps,
+        learning_rate=args.learning_rate,
+        hra_r=args.hra_r,
+        hra_lambda=args.hra_lambda,
+        hra_apply_GS=args.hra_apply_GS,
+        resolution=args.train_resolution,
+        seed=args.seed,
+        **prior,
+    )
+
+
+def trainer_command(args: argparse.Namespace, request: Path) -> list[str]:
+    """The command that trains on a request file (--train_extra_args still override it)."""
+    if args.train_launcher == "accelerate":
+        python, *script = trainer_argv(str(TRAINER), request)
+        command = [python, "-m", "accelerate.commands.launch", *script]
+    else:
+        command = trainer_argv("training.dreambooth_hra", request)
     return command + shlex.split(args.train_extra_args)
 
 
 def train_adapters(args: argparse.Namespace, subjects: Sequence[Subject]) -> None:
-    """Train the subjects' adapters one after another, each in its own trainer process."""
+    """Train the subjects' adapters one after another, each in its own trainer process, from a request file each
+    (OUT/requests/<subject>.json)."""
     if args.train_launcher == "accelerate" and not TRAINER.is_file():
         raise BenchmarkError(f"--train needs the DreamBooth trainer, not found at {TRAINER}")
     env = {key: value for key, value in os.environ.items()
            if key not in LAUNCH_ENV and not key.startswith(LAUNCH_ENV_PREFIXES)}
     for subject in tqdm(subjects, desc="training adapters", disable=None):
-        command = trainer_command(args, subject)
+        request = write_request(trainer_request(args, subject), args.out / "requests" / f"{subject.name}.json")
+        command = trainer_command(args, request)
         print(f"training {subject.name}: {shlex.join(command)}", flush=True)
         returncode = subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
         if returncode != 0:

@@ -1,17 +1,19 @@
-"""What a Stable Diffusion training step needs from its pipeline: the frozen base models, the text conditioning (SD
-1.x/2.x and SDXL, computed as the pipelines compute it at inference), latents, noise and the regression target.
-
-The trainers build their losses from these; the loop itself (hra_diffusion.training) knows nothing of diffusion.
+"""The diffusion side of training: the frozen base models, the text conditioning (SD 1.x/2.x and SDXL, computed as
+the pipelines compute it at inference), latents, noise, the regression target, and :func:`denoising_loss`, the one
+objective every trainer optimizes. The loop (hra_diffusion.train) knows nothing of diffusion.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import Tensor, nn
 
+from .control import control_condition
 from .pipelines import ModelNotFoundError, is_sdxl, load_pipeline, pipeline_components
 
 
@@ -50,8 +52,6 @@ def load_base(
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UnsupportedModelError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
     return pipe, noise_scheduler
-
-
 
 
 def _token_ids(tokenizer, prompts: Sequence[str]) -> Tensor:
@@ -125,3 +125,38 @@ def noisy_latents(noise_scheduler, latents: Tensor) -> tuple[Tensor, Tensor, Ten
         "sample": lambda: latents,
     }[kind]()
     return noisy, steps, target
+
+
+def denoising_loss(
+    batch: Mapping,
+    models: Mapping[str, nn.Module],
+    noise_scheduler,
+    prompts: PromptEncoder,
+    resolution: int,
+    prior_loss_weight: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """One training step's objective: MSE between the UNet's prediction and its target (noise for epsilon models,
+    velocity for v-prediction) at random timesteps.
+
+    ``batch``: ``pixel_values`` and ``prompts``, plus ``size_crop`` for SDXL and ``conditioning_pixel_values`` for a
+    control adapter (fed to its hint encoder). With ``prior_loss_weight`` the batch is instance images then class
+    images (DreamBooth's prior preservation) and the class half's loss is added with that weight.
+    """
+    with torch.no_grad():
+        latents = encode_latents(models["vae"], batch["pixel_values"])
+    noisy, timesteps, target = noisy_latents(noise_scheduler, latents)
+    hidden, pooled = prompts(batch["prompts"], models, latents.device)
+    added = None
+    if pooled is not None:  # SDXL: the pooled prompt and the size conditioning join the timestep embedding
+        time_ids = sdxl_time_ids(batch["size_crop"].to(latents.device), resolution)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
+    condition = batch.get("conditioning_pixel_values")
+    with control_condition(models["unet"], condition) if condition is not None else contextlib.nullcontext():
+        pred = models["unet"](noisy, timesteps, hidden, added_cond_kwargs=added).sample.float()
+    target = target.float()
+    if prior_loss_weight is None:
+        return F.mse_loss(pred, target), {}
+    pred, pred_prior = pred.chunk(2)
+    target, target_prior = target.chunk(2)
+    instance, prior = F.mse_loss(pred, target), F.mse_loss(pred_prior, target_prior)
+    return instance + prior_loss_weight * prior, {"instance_loss": instance.item(), "prior_loss": prior.item()}

@@ -6,7 +6,6 @@ settings every run shares and the atomic write are here, so every card reads the
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,20 +16,20 @@ from .io import atomic_write
 BASE_TAGS = ("stable-diffusion", "diffusers", "hra")
 
 
-def common_settings(args: argparse.Namespace, cfg: Any, steps: int) -> dict[str, Any]:
-    """The settings table rows every trainer has (``cfg`` is the run's TrainConfig)."""
+def common_settings(settings: Any, steps: int) -> dict[str, Any]:
+    """The settings table rows every trainer has (``settings``: the run's TrainSettings)."""
     return {
         "steps": steps,
-        "resolution": args.resolution,
-        "learning rate": cfg.learning_rate,
-        "lr scheduler": cfg.lr_scheduler,
-        "batch size x accumulation": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}",
-        "HRA r": args.hra_r,
-        "strictly orthogonal (GS)": args.hra_apply_GS,
-        "orthogonality lambda": args.hra_lambda,
-        "target modules": args.hra_target_modules,
-        "mixed precision": cfg.mixed_precision or "no",
-        "seed": cfg.seed,
+        "resolution": settings.resolution,
+        "learning rate": settings.learning_rate,
+        "lr scheduler": settings.lr_scheduler,
+        "batch size x accumulation": f"{settings.train_batch_size} x {settings.gradient_accumulation_steps}",
+        "HRA r": settings.hra_r,
+        "strictly orthogonal (GS)": settings.hra_apply_GS,
+        "orthogonality lambda": settings.hra_lambda,
+        "target modules": settings.hra_target_modules,
+        "mixed precision": settings.mixed_precision or "no",
+        "seed": settings.seed,
     }
 
 

@@ -22,6 +22,10 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from app.jobs import REQUEST_FILE  # noqa: E402
+from hra_diffusion.train import read_request  # noqa: E402
+from hra_diffusion.train.loop import SETTINGS_FILE  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "tests" / "fixtures" / "subjects" / "dog").glob("*.jpg"))
 FINAL = ("done", "stopped", "cancelled", "failed", "interrupted")
@@ -134,6 +138,12 @@ def test_train_generate_list_download(server, tmp_path):
     assert done["step"] == done["max_steps"] == 4 and done["progress"] == 1.0 and done["loss"] > 0
     assert done["samples"] and all(Path(p).is_relative_to(server.data_dir) for p in done["samples"])
     name = done["result"]
+
+    # the job's request is exactly what the trainer ran with (it records its resolved settings beside the adapter)
+    folder = server.data_dir / "jobs" / job["id"]
+    request = read_request(folder / REQUEST_FILE)
+    assert read_request(folder / "out" / SETTINGS_FILE) == request
+    assert request["max_train_steps"] == 4 and request["instance_prompt"] == "a photo of sks dog"
 
     [info] = [a for a in client.predict(api_name="/list_adapters") if a["name"] == name]
     assert info["instance_prompt"] == "a photo of sks dog" and info["steps"] == 4 and info["r"] == 8

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +30,26 @@ from app.jobs import (
     STOPPED,
     Job,
     JobQueue,
-    ProgressReader,
     _is_our_trainer,
 )
 from app.store import AdapterStore
-from app.studio import Studio, TrainSettings
+from app.studio import Studio, TrainForm
 from hra_diffusion import HRAConfig, add_hra, hra_parameters, save_hra
+from hra_diffusion.train import TrainSettings, events
+from hra_diffusion.train.events import ProgressReader
+from hra_diffusion.train.settings import option
+from training.dreambooth_hra import DreamBoothSettings
 
 # A stand-in for training/dreambooth_hra.py: the same progress events and SIGTERM behaviour, no model, fast.
 FAKE_TRAINER = textwrap.dedent(
     """
     import argparse, json, os, signal, sys, time
     p = argparse.ArgumentParser()
-    p.add_argument("--output_dir"); p.add_argument("--steps", type=int); p.add_argument("--step_s", type=float)
-    p.add_argument("--fail", action="store_true"); p.add_argument("--progress_file")
-    p.add_argument("--resume_from_checkpoint")
+    p.add_argument("--config"); p.add_argument("--progress_file"); p.add_argument("--resume_from_checkpoint")
     args = p.parse_args()
+    request = json.load(open(args.config))
+    args.output_dir, args.steps = request["output_dir"], request["max_train_steps"]
+    args.step_s, args.fail = request["step_s"], request["fail"]
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "runs.jsonl"), "a") as log:
         log.write(json.dumps({"argv": sys.argv[1:], "t0": time.time()}) + "\\n")
@@ -78,18 +83,25 @@ FAKE_TRAINER = textwrap.dedent(
 )
 
 
+@dataclass(kw_only=True)
+class FakeSettings(TrainSettings):
+    """The fake trainer's request: the shared settings plus its pace and whether it fails at once."""
+
+    step_s: float = option(0.05, group="fake trainer", help="seconds per step")
+    fail: bool = option(False, group="fake trainer", help="fail before the first step")
+
+
 @pytest.fixture()
 def fake_trainer(tmp_path: Path):
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER)
 
     def prepare(steps: int = 3, step_s: float = 0.05, fail: bool = False):
-        def argv(folder: Path) -> list[str]:
-            extra = ["--fail"] if fail else []
-            return [sys.executable, str(script), "--output_dir", str(folder / "out"), "--steps", str(steps),
-                    "--step_s", str(step_s), *extra]  # fmt: skip
+        def request(folder: Path) -> FakeSettings:
+            return FakeSettings(pretrained_model_name_or_path="fake", output_dir=str(folder / "out"),
+                                max_train_steps=steps, step_s=step_s, fail=fail)
 
-        return argv
+        return str(script), request
 
     return prepare
 
@@ -115,7 +127,7 @@ def test_jobs_run_one_at_a_time_in_order(tmp_path, fake_trainer):
     kept = []
     queue = JobQueue(tmp_path / "jobs", on_finish=lambda job: kept.append(job.id) or "kept")
     try:
-        ids = [queue.submit({"n": i}, fake_trainer(steps=3)).id for i in range(3)]
+        ids = [queue.submit({"n": i}, *fake_trainer(steps=3)).id for i in range(3)]
         assert queue.position(ids[2]) in (2, 3)  # the first may already have started
         jobs = [wait_for(queue, job_id, finished) for job_id in ids]
     finally:
@@ -133,8 +145,8 @@ def test_jobs_run_one_at_a_time_in_order(tmp_path, fake_trainer):
 def test_cancel_waiting_and_running_jobs(tmp_path, fake_trainer):
     queue = JobQueue(tmp_path / "jobs", on_finish=lambda job: "kept")
     try:
-        running = queue.submit({}, fake_trainer(steps=10_000, step_s=0.05))
-        waiting = queue.submit({}, fake_trainer(steps=3))
+        running = queue.submit({}, *fake_trainer(steps=10_000, step_s=0.05))
+        waiting = queue.submit({}, *fake_trainer(steps=3))
         wait_for(queue, running.id, lambda j: j.step >= 1)
         assert queue.cancel(waiting.id).status == CANCELLED
         t0 = time.monotonic()
@@ -150,7 +162,7 @@ def test_cancel_waiting_and_running_jobs(tmp_path, fake_trainer):
 def test_failed_job_keeps_the_trainers_message(tmp_path, fake_trainer):
     queue = JobQueue(tmp_path / "jobs")
     try:
-        job = wait_for(queue, queue.submit({}, fake_trainer(fail=True)).id, finished)
+        job = wait_for(queue, queue.submit({}, *fake_trainer(fail=True)).id, finished)
     finally:
         queue.close()
     assert job.status == FAILED and job.message == "the photos are all black"
@@ -162,14 +174,14 @@ def test_jobs_survive_an_app_crash_and_resume(tmp_path, fake_trainer):
     root = tmp_path / "jobs"
     script = tmp_path / "fake_trainer.py"  # written by the fixture
     app = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from pathlib import Path
+        import time
         from app.jobs import JobQueue
+        from tests.test_app_state import FakeSettings
         q = JobQueue({str(root)!r})
-        argv = lambda f: [sys.executable, {str(script)!r}, "--output_dir", str(f / "out"), "--steps", "40",
-                          "--step_s", "0.1"]
-        q.submit({{}}, argv)
-        q.submit({{}}, argv)
+        request = lambda f: FakeSettings(pretrained_model_name_or_path="fake", output_dir=str(f / "out"),
+                                         max_train_steps=40, step_s=0.1)
+        q.submit({{}}, {str(script)!r}, request)
+        q.submit({{}}, {str(script)!r}, request)
         time.sleep(60)
     """)])  # fmt: skip
     try:
@@ -208,17 +220,17 @@ def test_progress_reader_waits_for_whole_lines(tmp_path):
     path = tmp_path / "p.jsonl"
     reader = ProgressReader(path)
     assert reader.read() == []
-    path.write_text('{"event": "start", "max_steps": 3}\n{"event": "st')
-    assert reader.read() == [{"event": "start", "max_steps": 3}]
+    path.write_text('{"event": "start", "max_steps": 3, "trainable_params": 10}\n{"event": "ch')
+    assert reader.read() == [events.Start(max_steps=3, trainable_params=10)]
     with open(path, "a") as f:
-        f.write('ep", "step": 1}\n')
-    assert reader.read() == [{"event": "step", "step": 1}]
+        f.write('eckpoint", "step": 1, "path": "c"}\n')
+    assert reader.read() == [events.Checkpoint(step=1, path="c")]
 
 
 def test_job_json_is_written_atomically_and_reloaded(tmp_path, fake_trainer):
     queue = JobQueue(tmp_path / "jobs")
     try:
-        job = wait_for(queue, queue.submit({"token": "sks"}, fake_trainer()).id, finished)
+        job = wait_for(queue, queue.submit({"token": "sks"}, *fake_trainer()).id, finished)
     finally:
         queue.close()
     folder = tmp_path / "jobs" / job.id
@@ -280,7 +292,7 @@ def test_photos_are_checked_one_by_one(studio, tmp_path):
     assert "truncated or corrupt" in reasons["truncated.jpg"] and "not an image" in reasons["notes.png"]
     assert "over the limit" in reasons["bomb.png"] and "empty" in reasons["empty.webp"]
     with pytest.raises(ValueError, match="no usable photos.*notes.png: not an image"):
-        studio.train([files["text"], files["empty"]], TrainSettings())
+        studio.train([files["text"], files["empty"]], TrainForm())
 
 
 def test_oversized_files_are_refused_before_decoding(studio, tmp_path, monkeypatch):
@@ -309,19 +321,16 @@ def test_oversized_files_are_refused_before_decoding(studio, tmp_path, monkeypat
         ({"r": 200_000}, "r must be between 1 and 256"),
     ],
 )
-def test_bad_settings_are_explained(change, message):
+def test_bad_settings_are_explained(studio, change, message):
     with pytest.raises(ValueError, match=message):
-        TrainSettings(**change).check()
+        studio.request(TrainForm(**change))
 
 
-def test_trainer_command_line_uses_diffusers_flags(studio, tmp_path):
-    argv = studio._trainer_argv(tmp_path, TrainSettings(steps=8, prior_preservation=True, class_noun="coffee mug"))
-    flags = dict(zip(argv[3::2], argv[4::2]))
-    assert argv[:3] == [sys.executable, "-m", "training.dreambooth_hra"]
-    assert flags["--instance_prompt"] == "a photo of sks coffee mug" and flags["--validation_steps"] == "2"
-    assert "--with_prior_preservation" in argv and Path(argv[argv.index("--class_data_dir") + 1]).is_relative_to(
-        studio.data_dir
-    )
+def test_trainer_request_uses_diffusers_settings(studio):
+    request = studio.request(TrainForm(steps=8, prior_preservation=True, class_noun="coffee mug"))
+    assert isinstance(request, DreamBoothSettings)
+    assert request.instance_prompt == "a photo of sks coffee mug" and request.validation_steps == 2
+    assert request.with_prior_preservation and Path(request.class_data_dir).is_relative_to(studio.data_dir)
 
 
 def test_only_files_inside_the_data_folder_are_served(studio, tmp_path):
@@ -339,7 +348,8 @@ def test_only_files_inside_the_data_folder_are_served(studio, tmp_path):
             studio.export_adapter(name)
     with pytest.raises(FileNotFoundError):
         studio.export_adapter("no-such-adapter")
-    job = Job(id="j", seq=1, argv=[], settings={}, samples=[str(inside), "/etc/passwd", str(link)])
+    job = Job(id="j", seq=1, trainer="training.dreambooth_hra", settings={},
+              samples=[str(inside), "/etc/passwd", str(link)])
     studio.jobs.jobs["j"] = job
     try:
         assert studio.describe(job)["samples"] == [str(inside)]
@@ -450,7 +460,7 @@ def test_a_rejected_request_creates_nothing(studio, tmp_path):
     photo = tmp_path / "p.png"
     Image.new("RGB", (64, 64), "red").save(photo)
     with pytest.raises(ValueError, match="seed"):
-        studio.train([photo], TrainSettings(seed=2**64))
+        studio.train([photo], TrainForm(seed=2**64))
     assert sorted(p.name for p in (studio.data_dir / "jobs").iterdir()) == before
     assert studio.list_jobs() == [studio.describe(j) for j in studio.jobs.list()]
 

@@ -15,7 +15,8 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import save
 
 from hra_diffusion import checkpoint as ckpt
-from hra_diffusion.training import TrainingError, open_checkpoint
+from hra_diffusion.train import TrainingError
+from hra_diffusion.train.checkpointing import open_checkpoint
 
 STEPS, SPLIT = 6, 3
 

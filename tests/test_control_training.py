@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 from hra_diffusion import HRAConfig, hra_parameters, read_hra_metadata
+from hra_diffusion.checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
 from hra_diffusion.control import CONTROL_TARGETS, condition_tensor, control_condition, load_control_adapter
 from hra_diffusion.data import ControlDataset
 from hra_diffusion.model import hra_layers
 from hra_diffusion.synthetic import make_shapes_dataset
-from hra_diffusion.training import CHECKPOINT_WEIGHTS, TrainingError
+from hra_diffusion.train import TrainingError
 from training.control_hra import CONTROL_FILE, ConditionMaps, add_control, export_hub_dataset, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]

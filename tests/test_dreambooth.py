@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load, load_file
 
 from hra_diffusion import read_hra_metadata
-from hra_diffusion.training import CHECKPOINT_WEIGHTS, _cast_frozen, state_digest
+from hra_diffusion.checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
+from hra_diffusion.train.checkpointing import state_digest
+from hra_diffusion.train.runtime import cast_frozen
 
 ROOT = Path(__file__).resolve().parents[1]
 DOG = ROOT / "tests" / "fixtures" / "subjects" / "dog"
@@ -265,7 +267,7 @@ def test_mixed_precision_keeps_adapters_fp32(tiny_unet):
     from hra_diffusion import HRAConfig, add_hra, hra_parameters
 
     unet = add_hra(tiny_unet(), HRAConfig(r=4, apply_GS=True))
-    _cast_frozen(unet, torch.bfloat16)
+    cast_frozen(unet, torch.bfloat16)
     assert {p.dtype for p in hra_parameters(unet)} == {torch.float32}
     assert unet.conv_in.weight.dtype == torch.bfloat16
     assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.hra_u0["default"].dtype == torch.float32

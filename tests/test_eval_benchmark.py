@@ -21,6 +21,7 @@ from eval.real_images import main as real_images_main
 from eval.real_images import pair_scores
 from eval.score import ScorerSettings
 from hra_diffusion import HRAConfig, add_hra, hra_parameters, save_hra
+from hra_diffusion.train import write_request
 
 FIXTURES = Path(__file__).parent / "fixtures" / "subjects"
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,9 @@ def test_trainer_command_uses_the_paper_settings(bench):
     from training.dreambooth_hra import parse_args as trainer_args
 
     (dog,) = benchmark.load_subjects(benchmark.parse_args(bench.args(bench.root / "out", "--subjects", "dog")))
-    command = benchmark.trainer_command(benchmark.parse_args(bench.args(bench.root / "out")), dog)
+    args = benchmark.parse_args(bench.args(bench.root / "out"))
+    request = write_request(benchmark.trainer_request(args, dog), bench.root / "dog.json")
+    command = benchmark.trainer_command(args, request)
     assert command[:4] == [sys.executable, "-m", "accelerate.commands.launch", str(benchmark.TRAINER)]
     parsed = trainer_args(command[4:])  # the trainer accepts every flag we pass
     assert parsed.instance_prompt == "a photo of qwe dog" and parsed.class_prompt == "a photo of dog"

@@ -1,9 +1,8 @@
-import argparse
 
 from huggingface_hub import ModelCard
 
 from hra_diffusion.model_card import common_settings, write_model_card
-from hra_diffusion.training import TrainConfig
+from hra_diffusion.train import TrainSettings
 
 
 def test_card_front_matter_reads_back_with_awkward_prompts(tmp_path):
@@ -30,8 +29,9 @@ def test_card_front_matter_reads_back_with_awkward_prompts(tmp_path):
 
 
 def test_common_settings_take_the_run_values(tmp_path):
-    args = argparse.Namespace(resolution=512, hra_r=6, hra_apply_GS=True, hra_lambda=1e-4, hra_target_modules="to_q")
-    cfg = TrainConfig(tmp_path, seed=3, learning_rate=5e-4, train_batch_size=2, gradient_accumulation_steps=4)
-    rows = common_settings(args, cfg, steps=100)
+    settings = TrainSettings(pretrained_model_name_or_path="m", output_dir=str(tmp_path), resolution=512, hra_r=6,
+                             hra_apply_GS=True, hra_lambda=1e-4, hra_target_modules="to_q", seed=3,
+                             learning_rate=5e-4, train_batch_size=2, gradient_accumulation_steps=4)
+    rows = common_settings(settings, steps=100)
     assert rows["steps"] == 100 and rows["HRA r"] == 6 and rows["strictly orthogonal (GS)"] is True
     assert rows["batch size x accumulation"] == "2 x 4" and rows["learning rate"] == 5e-4 and rows["seed"] == 3

@@ -8,58 +8,48 @@
 
 Then ``attach_adapters(load_pipeline(base), ["out/hra_control.safetensors"])`` and
 ``generate(pipe, prompt, control_image=make_condition(photo, "canny"))``; the guide is docs/control.md. This file is
-the control part only (flags, data, condition maps, loss, model card); the loop, checkpoints, resume, logging and
-signals live in hra_diffusion/training.py, shared with the other trainers.
+the control part only (settings, data, condition maps, model card); the loop, checkpoints, resume, logging and
+signals live in hra_diffusion/train/, the loss in hra_diffusion/diffusion.py, shared with the other trainers.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
 import sys
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from hra_diffusion import HRAConfig, add_hra, hra_parameters
-from hra_diffusion.cli import HelpFormatter
 from hra_diffusion.control import (
     ANNOTATORS,
     CONTROL_TARGETS,
     DETECTORS,
     ConditionEncoder,
     attach_control,
-    control_condition,
     control_encoder,
     make_condition,
     save_control_adapter,
 )
 from hra_diffusion.data import ControlDataset, collate_control
-from hra_diffusion.diffusion import encode_latents, encode_prompts, load_base, noisy_latents
+from hra_diffusion.diffusion import PromptEncoder, denoising_loss, load_base
 from hra_diffusion.images import load_image
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
 from hra_diffusion.pipelines import generate, is_sdxl
-from hra_diffusion.training import (
-    ProgressFile,
-    TrainConfig,
-    TrainingError,
-    TrainResult,
-    TrainSpec,
-    add_training_args,
-    hra_config_from_args,
-    make_accelerator,
-    run_cli,
-    run_metadata,
-    train,
-    weight_dtype,
-)
+from hra_diffusion.train import TrainingError, TrainResult, TrainSettings, TrainSpec, train
+from hra_diffusion.train.cli import run_cli
+from hra_diffusion.train.events import ProgressFile
+from hra_diffusion.train.runtime import make_accelerator
+from hra_diffusion.train.settings import SettingsError, inherit, option, parse
 
 logger = logging.getLogger("control_hra")
 CONTROL_FILE = "hra_control.safetensors"
@@ -68,72 +58,73 @@ CONTROL_LEARNING_RATE = 9e-4  # the released control script's, with the same vec
 VALIDATION_GUIDANCE = 9.0  # the paper samples controlled images with DDIM and guidance 9.0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter,
+@dataclass(kw_only=True)
+class ControlSettings(TrainSettings):
+    """The control trainer's settings: the shared ones plus the data and its condition maps."""
+
+    train_data_dir: str | None = option(None, group="data", help="imagefolder with metadata.jsonl (image, "
+                                        "conditioning_image, text); this or --dataset_name")
+    dataset_name: str | None = option(None, group="data", help="Hugging Face dataset (needs `datasets`; exported "
+                                      "once to --cache_dir)")
+    dataset_config_name: str | None = option(None, group="data", help="config of --dataset_name")
+    image_column: str = option("image", group="data", help="column of the target images")
+    conditioning_image_column: str = option("conditioning_image", group="data",
+                                            help="column of the condition maps")
+    caption_column: str = option("text", group="data", help="column of the captions (a string or a list)")
+    random_crop: bool = option(False, group="data", help="random instead of center crops")
+    random_flip: bool = option(False, group="data", help="random horizontal flips (condition flipped alike)")
+    proportion_empty_prompts: float = option(0.0, group="data", range=(0.0, 1.0), help="fraction of captions "
+                                             "replaced by '' so the adapter learns to follow the condition alone")
+
+    control_type: str = option("none", group="condition maps", choices=CONTROL_TYPES,
+                               help="none: the conditioning column holds the maps; otherwise maps are computed from "
+                               "the target images (when that column is absent) with controlnet-aux and cached")
+    canny_low_threshold: int = option(100, group="condition maps", range=(0, 255), help="Canny's lower threshold")
+    canny_high_threshold: int = option(200, group="condition maps", range=(0, 255), help="Canny's upper threshold")
+    annotator_weights: str = option(ANNOTATORS, group="condition maps",
+                                    help="local folder or cached hub id of detector weights")
+    cache_dir: str | None = option(None, group="condition maps",
+                                   help="computed maps and exported datasets (default OUTPUT_DIR/cache)")
+    validation_image: list[str] | None = option(None, group="validation", help="condition maps for samples "
+                                                "(photos when the maps are computed: converted with --control_type)")
+
+    resolution: int | None = option(512, group="base model", help="training size, a multiple of 8")
+    output_dir: str = inherit("output_dir", "hra-control-model")
+    learning_rate: float = inherit("learning_rate", CONTROL_LEARNING_RATE)
+    hra_target_modules: str = inherit("hra_target_modules", ",".join(CONTROL_TARGETS))
+
+    tracker_project_name: ClassVar[str] = "control-hra"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.train_data_dir is None) == (self.dataset_name is None):
+            raise SettingsError("give one of --train_data_dir and --dataset_name")
+        if self.validation_image and not self.validation_prompt:
+            raise SettingsError("--validation_image needs --validation_prompt")
+
+
+def parse_args(argv: list[str] | None = None) -> ControlSettings:
+    return parse(
+        ControlSettings,
+        argv,
         description="Train an HRA control adapter (HRA + hint encoder) for SD 1.x/2.x.",
         epilog="Defaults differing from the DreamBooth trainer: "
         f"--learning_rate {CONTROL_LEARNING_RATE} (the released code's), "
         f"--hra_target_modules {','.join(CONTROL_TARGETS)}. Guide: docs/control.md.",
     )
-    g = parser.add_argument_group("data")
-    source = g.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train_data_dir", help="imagefolder with metadata.jsonl (image, conditioning_image, text)")
-    source.add_argument("--dataset_name", help="Hugging Face dataset (needs `datasets`; exported once to --cache_dir)")
-    g.add_argument("--dataset_config_name", default=None, help="config of --dataset_name")
-    g.add_argument("--image_column", default="image", help="column of the target images")
-    g.add_argument("--conditioning_image_column", default="conditioning_image", help="column of the condition maps")
-    g.add_argument("--caption_column", default="text", help="column of the captions (a string or a list)")
-    g.add_argument("--resolution", type=int, default=512, help="training size, a multiple of 8")
-    g.add_argument("--random_crop", action="store_true", help="random instead of center crops")
-    g.add_argument("--random_flip", action="store_true", help="random horizontal flips (condition flipped alike)")
-    g.add_argument(
-        "--proportion_empty_prompts",
-        type=float,
-        default=0.0,
-        help="fraction of captions replaced by '' so the adapter learns to follow the condition alone",
-    )
-
-    g = parser.add_argument_group("condition maps")
-    g.add_argument(
-        "--control_type",
-        default="none",
-        choices=CONTROL_TYPES,
-        help="none: the conditioning column holds the maps; otherwise maps are computed from the target images "
-        "(when that column is absent) with controlnet-aux and cached",
-    )
-    g.add_argument("--canny_low_threshold", type=int, default=100)
-    g.add_argument("--canny_high_threshold", type=int, default=200)
-    g.add_argument("--annotator_weights", default=ANNOTATORS, help="local folder or cached hub id of detector weights")
-    g.add_argument("--cache_dir", default=None, help="computed maps and exported datasets (default OUTPUT_DIR/cache)")
-    g.add_argument(
-        "--validation_image",
-        nargs="+",
-        default=None,
-        help="condition maps for samples (photos when the maps are computed: converted with --control_type)",
-    )
-
-    add_training_args(parser, default_output_dir="hra-control-model")
-    parser.set_defaults(learning_rate=CONTROL_LEARNING_RATE, hra_target_modules=",".join(CONTROL_TARGETS))
-    args = parser.parse_args(argv)
-    if not (args.resolution > 0 and args.resolution % 8 == 0):
-        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    if args.validation_image and not args.validation_prompt:
-        parser.error("--validation_image needs --validation_prompt")
-    return args
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Data: Hugging Face datasets, condition maps
 
 
-def export_hub_dataset(args: argparse.Namespace, root: Path, accelerator) -> Path:
+def export_hub_dataset(settings: ControlSettings, root: Path, accelerator) -> Path:
     """--dataset_name as the imagefolder ControlDataset reads, so both sources share one dataset class.
 
     Every process loads (same error everywhere, no process left waiting), the main one writes; metadata.jsonl comes
     last, so a complete export is reused by later runs and an interrupted one is redone.
     """
-    folder = root / re.sub(r"[^\w.-]+", "--", f"{args.dataset_name}--{args.dataset_config_name or 'default'}")
+    folder = root / re.sub(r"[^\w.-]+", "--", f"{settings.dataset_name}--{settings.dataset_config_name or 'default'}")
     if not (folder / "metadata.jsonl").is_file():
         try:
             import datasets
@@ -143,27 +134,27 @@ def export_hub_dataset(args: argparse.Namespace, root: Path, accelerator) -> Pat
                 "an imagefolder holding metadata.jsonl"
             ) from err
         try:
-            data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+            data = datasets.load_dataset(settings.dataset_name, settings.dataset_config_name, split="train")
         except Exception as err:  # hub, network, cache and format errors all mean "cannot use this dataset"
             raise TrainingError(
-                f"cannot load dataset {args.dataset_name!r} ({type(err).__name__}: {err}). Offline, only datasets "
+                f"cannot load dataset {settings.dataset_name!r} ({type(err).__name__}: {err}). Offline, only datasets "
                 "already in the Hugging Face cache load; or pass --train_data_dir"
             ) from err
         if accelerator.is_main_process:
-            _write_imagefolder(data, folder, args)
+            _write_imagefolder(data, folder, settings)
     accelerator.wait_for_everyone()
     return folder
 
 
-def _write_imagefolder(data, folder: Path, args: argparse.Namespace) -> None:
-    image_columns = {args.image_column: "images", args.conditioning_image_column: "conditioning_images"}
+def _write_imagefolder(data, folder: Path, settings: ControlSettings) -> None:
+    image_columns = {settings.image_column: "images", settings.conditioning_image_column: "conditioning_images"}
     image_columns = {column: sub for column, sub in image_columns.items() if column in data.column_names}
     rows = []
-    for i, row in enumerate(tqdm(data, desc=f"exporting {args.dataset_name}")):
-        entry = {args.caption_column: row.get(args.caption_column)}
+    for i, row in enumerate(tqdm(data, desc=f"exporting {settings.dataset_name}")):
+        entry = {settings.caption_column: row.get(settings.caption_column)}
         for column, sub in image_columns.items():
             if not isinstance(row[column], Image.Image):
-                raise TrainingError(f"{args.dataset_name}: column {column!r} holds {type(row[column]).__name__}")
+                raise TrainingError(f"{settings.dataset_name}: column {column!r} holds {type(row[column]).__name__}")
             entry[column] = f"{sub}/{i:07d}.png"
             atomic_write(folder / entry[column], lambda tmp, im=row[column]: im.save(tmp, format="PNG"))
         rows.append(entry)
@@ -218,55 +209,39 @@ def add_control(unet: torch.nn.Module, config: HRAConfig, vae_scale_factor: int)
     return encoder
 
 
-def make_loss_fn(noise_scheduler, tokenizer):
-    """MSE to the model's target with the batch's condition maps fed to the hint encoder. Prompts are encoded per
-    batch, not cached: a control set has as many captions as images."""
-
-    def loss_fn(batch: dict, models: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            latents = encode_latents(models["vae"], batch["pixel_values"])
-            hidden = encode_prompts(tokenizer, models["text_encoder"], batch["prompts"], latents.device)
-        noisy, timesteps, target = noisy_latents(noise_scheduler, latents)
-        with control_condition(models["unet"], batch["conditioning_pixel_values"]):
-            pred = models["unet"](noisy, timesteps, hidden).sample.float()
-        return F.mse_loss(pred, target.float()), {}
-
-    return loss_fn
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Model card
 
 
-def write_card(args: argparse.Namespace, cfg: TrainConfig, result: TrainResult, counts: dict[str, int]) -> None:
-    samples = sample_links(result.samples, cfg.output_dir)
+def write_card(settings: ControlSettings, result: TrainResult, counts: dict[str, int]) -> None:
+    samples = sample_links(result.samples, settings.output_path)
     if samples:
-        samples = f'Samples at step {result.step}, prompt "{args.validation_prompt}":\n\n{samples}'
-    settings = {
-        **common_settings(args, cfg, result.step),
-        "data": args.train_data_dir or args.dataset_name,
-        "control type": args.control_type,
-        "empty prompts": args.proportion_empty_prompts,
+        samples = f'Samples at step {result.step}, prompt "{settings.validation_prompt}":\n\n{samples}'
+    rows = {
+        **common_settings(settings, result.step),
+        "data": settings.train_data_dir or settings.dataset_name,
+        "control type": settings.control_type,
+        "empty prompts": settings.proportion_empty_prompts,
         "trainable parameters": f"{counts['hra']:,} HRA + {counts['encoder']:,} condition encoder",
     }
     source = 'Image.open("photo.jpg")'
-    condition = source if args.control_type == "none" else f'make_condition({source}, "{args.control_type}")'
+    condition = source if settings.control_type == "none" else f'make_condition({source}, "{settings.control_type}")'
     write_model_card(
-        cfg.output_dir,
-        base_model=args.pretrained_model_name_or_path,
+        settings.output_path,
+        base_model=settings.pretrained_model_name_or_path,
         tags=("controlnet",),
-        title=f"HRA control adapter ({args.control_type})",
-        body=f"""A control adapter for `{args.pretrained_model_name_or_path}`: HRA reflections on the UNet plus a small
-hint encoder whose output joins the UNet after `conv_in` (the HRA paper's controllable generation). One file,
+        title=f"HRA control adapter ({settings.control_type})",
+        body=f"""A control adapter for `{settings.pretrained_model_name_or_path}`: HRA reflections on the UNet plus a
+small hint encoder whose output joins the UNet after `conv_in` (the HRA paper's controllable generation). One file,
 `{CONTROL_FILE}`.
 
 {samples}""",
-        settings=settings,
+        settings=rows,
         usage=f"""from PIL import Image
 from hra_diffusion.control import make_condition
 from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
 
-pipe = load_pipeline("{args.pretrained_model_name_or_path}")
+pipe = load_pipeline("{settings.pretrained_model_name_or_path}")
 attach_adapters(pipe, ["{CONTROL_FILE}"])
 condition = {condition}
 image = generate(pipe, "a prompt", control_image=condition, steps=50, guidance=9.0, scheduler="ddim")[0]""",
@@ -276,49 +251,51 @@ image = generate(pipe, "a prompt", control_image=condition, steps=50, guidance=9
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, progress: ProgressFile) -> int:
-    cfg = TrainConfig.from_args(args, tracker_project_name="control-hra")
-    config = hra_config_from_args(args)
-    validation_sources = [load_image(path) for path in args.validation_image or []]
-    accelerator = make_accelerator(cfg)
-    cache = Path(args.cache_dir).absolute() if args.cache_dir else cfg.output_dir / "cache"
-    data_dir = args.train_data_dir or export_hub_dataset(args, cache / "datasets", accelerator)
-    thresholds = [args.canny_low_threshold, args.canny_high_threshold]
+def run(settings: ControlSettings, progress: ProgressFile) -> int:
+    config = settings.hra_config()
+    validation_sources = [load_image(path) for path in settings.validation_image or []]
+    accelerator = make_accelerator(settings)
+    cache = Path(settings.cache_dir).absolute() if settings.cache_dir else settings.output_path / "cache"
+    data_dir = settings.train_data_dir or export_hub_dataset(settings, cache / "datasets", accelerator)
+    thresholds = [settings.canny_low_threshold, settings.canny_high_threshold]
     maps = None
-    if args.control_type != "none":
-        maps = ConditionMaps(args.control_type, cache / "conditions", *thresholds, args.annotator_weights)
+    if settings.control_type != "none":
+        maps = ConditionMaps(settings.control_type, cache / "conditions", *thresholds, settings.annotator_weights)
     try:
         dataset = ControlDataset(
             data_dir,
-            args.resolution,
-            image_column=args.image_column,
-            conditioning_image_column=args.conditioning_image_column,
-            caption_column=args.caption_column,
-            center_crop=not args.random_crop,
-            random_flip=args.random_flip,
-            proportion_empty_prompts=args.proportion_empty_prompts,
-            seed=cfg.seed,
+            settings.resolution,
+            image_column=settings.image_column,
+            conditioning_image_column=settings.conditioning_image_column,
+            caption_column=settings.caption_column,
+            center_crop=not settings.random_crop,
+            random_flip=settings.random_flip,
+            proportion_empty_prompts=settings.proportion_empty_prompts,
+            seed=settings.seed,
             conditioning_transform=maps,
         )
     except ValueError as err:
         raise TrainingError(str(err)) from err
     if dataset.conditions is None:
         maps.check()
-        logger.info("condition maps: computed with %s, cached in %s", args.control_type, maps.folder)
+        logger.info("condition maps: computed with %s, cached in %s", settings.control_type, maps.folder)
     elif maps is not None:
-        logger.info("condition maps: column %r (--control_type computes none)", args.conditioning_image_column)
+        logger.info("condition maps: column %r (--control_type computes none)", settings.conditioning_image_column)
     to_condition = maps if dataset.conditions is None else lambda image: image
     validation_conditions = [to_condition(image) for image in validation_sources]
 
     pipe, noise_scheduler = load_base(
-        args.pretrained_model_name_or_path, device=accelerator.device, revision=args.revision, variant=args.variant
+        settings.pretrained_model_name_or_path,
+        device=accelerator.device,
+        revision=settings.revision,
+        variant=settings.variant,
     )
     if is_sdxl(pipe):
         raise TrainingError(
-            f"{args.pretrained_model_name_or_path} is an SDXL model; control_hra.py trains SD 1.x/2.x control adapters "
-            "(SDXL personalization works: training/dreambooth_hra.py)"
+            f"{settings.pretrained_model_name_or_path} is an SDXL model; control_hra.py trains SD 1.x/2.x control "
+            "adapters (SDXL personalization works: training/dreambooth_hra.py)"
         )
-    torch.manual_seed(cfg.seed)  # the adapters' initial vectors depend on the seed alone
+    torch.manual_seed(settings.seed)  # the adapters' initial vectors depend on the seed alone
     encoder = add_control(pipe.unet, config, pipe.vae_scale_factor)
     counts = {
         "hra": sum(p.numel() for p in hra_parameters(pipe.unet)),
@@ -332,13 +309,13 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         for condition in validation_conditions:
             images += generate(
                 pipe,
-                args.validation_prompt,
-                num_images=args.num_validation_images,
-                seed=cfg.seed,
-                steps=args.num_validation_inference_steps,
+                settings.validation_prompt,
+                num_images=settings.num_validation_images,
+                seed=settings.seed,
+                steps=settings.num_validation_inference_steps,
                 guidance=VALIDATION_GUIDANCE,
-                height=args.resolution,
-                width=args.resolution,
+                height=settings.resolution,
+                width=settings.resolution,
                 scheduler="ddim",
                 control_image=condition,
             )
@@ -348,30 +325,29 @@ def run(args: argparse.Namespace, progress: ProgressFile) -> int:
         unet = models["unet"]
         return save_control_adapter(unet, control_encoder(unet), path.with_name(CONTROL_FILE), metadata=meta)
 
-    metadata = run_metadata(
-        args,
-        cfg,
-        accelerator,
-        noise_scheduler.config.prediction_type,
+    metadata = settings.adapter_metadata(
         "control_hra",
-        control_type=args.control_type,
-        canny_thresholds=thresholds if args.control_type == "canny" else None,
-        dataset=args.train_data_dir or args.dataset_name,
-        proportion_empty_prompts=args.proportion_empty_prompts,
+        accelerator.mixed_precision,
+        noise_scheduler.config.prediction_type,
+        control_type=settings.control_type,
+        canny_thresholds=thresholds if settings.control_type == "canny" else None,
+        dataset=settings.train_data_dir or settings.dataset_name,
+        proportion_empty_prompts=settings.proportion_empty_prompts,
     )
     spec = TrainSpec(
         dataset=dataset,
         collate_fn=collate_control,
         models={"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae},
         trainable=("unet",),
-        loss_fn=make_loss_fn(noise_scheduler, pipe.tokenizer),
-        validate=validate if validation_conditions and args.num_validation_images > 0 else None,
+        # encoded per batch, not cached: a control set has as many captions as images
+        loss_fn=partial(denoising_loss, noise_scheduler=noise_scheduler, prompts=PromptEncoder(pipe, cache=False),
+                        resolution=settings.resolution),
+        validate=validate if validation_conditions and settings.num_validation_images > 0 else None,
         metadata=metadata,
-        tracker_config={**vars(args), "seed": cfg.seed, "weight_dtype": str(weight_dtype(accelerator))},
         save_adapter=save,
-        finish=lambda result: write_card(args, cfg, result, counts),
+        finish=lambda result: write_card(settings, result, counts),
     )
-    train(accelerator, cfg, spec, progress)
+    train(accelerator, settings, spec, progress)
     return 0
 
 
