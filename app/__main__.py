@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["GRADIO_TEMP_DIR"] = str(data_dir / "gradio")
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(data_dir / "gradio" / "examples")
 
+    from .host import MAX_ADAPTER_BYTES
     from .lock import DataDirBusyError
-    from .studio import MAX_ADAPTER_BYTES, Studio
+    from .studio import Studio
     from .ui import build
 
     try:

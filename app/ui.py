@@ -18,8 +18,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from hra_diffusion.control import CONTROL_KIND
+
+from .host import CONTROL_TYPES, DOWNLOADS, HRA_FILE
 from .jobs import ACTIVE
-from .studio import CONTROL_KIND, CONTROL_TYPES, DOWNLOADS, HRA_FILE, MAX_PHOTOS, Studio, TrainForm
+from .studio import Studio
+from .training_service import MAX_PHOTOS, TrainForm
 
 USER_ERRORS = (ValueError, KeyError, OSError)  # the library's errors (bad photo, wrong base model) subclass these
 JOB_COLUMNS = ["job", "status", "step", "loss", "subject", "queued at", "adapter"]

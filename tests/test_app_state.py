@@ -33,7 +33,8 @@ from app.jobs import (
     _is_our_trainer,
 )
 from app.store import AdapterStore
-from app.studio import Studio, TrainForm
+from app.studio import Studio
+from app.training_service import TrainForm
 from hra_diffusion import HRAConfig, add_hra, hra_parameters, save_hra
 from hra_diffusion.train import TrainSettings, events
 from hra_diffusion.train.events import ProgressReader
@@ -296,7 +297,7 @@ def test_photos_are_checked_one_by_one(studio, tmp_path):
 
 
 def test_oversized_files_are_refused_before_decoding(studio, tmp_path, monkeypatch):
-    monkeypatch.setattr("app.studio.MAX_PHOTO_BYTES", 2**20)
+    monkeypatch.setattr("app.training_service.MAX_PHOTO_BYTES", 2**20)
     big = tmp_path / "big.jpg"
     big.write_bytes(os.urandom(2 * 2**20))
     _, rejected = studio.check_photos([big])

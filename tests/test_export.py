@@ -323,15 +323,15 @@ def table_rows(doc: Path, header: str) -> dict[str, str]:
 
 
 def test_convert_the_app_and_the_docs_offer_the_one_registry():
-    import app.studio as studio_module
+    import app.host as host_module
     import hra_diffusion.convert as convert_module
 
-    assert studio_module.EXPORT_FORMATS is convert_module.EXPORT_FORMATS is EXPORT_FORMATS
+    assert host_module.EXPORT_FORMATS is convert_module.EXPORT_FORMATS is EXPORT_FORMATS
     [to] = [action for action in build_parser()._actions if action.dest == "to"]
     assert to.choices == list(EXPORT_FORMATS)
     assert all(fmt.description in to.help for fmt in EXPORT_FORMATS.values())
-    downloads = studio_module.DOWNLOADS
-    assert list(downloads) == [studio_module.HRA_FILE, *EXPORT_FORMATS]
+    downloads = host_module.DOWNLOADS
+    assert list(downloads) == [host_module.HRA_FILE, *EXPORT_FORMATS]
     assert all(downloads[name].startswith(fmt.description) for name, fmt in EXPORT_FORMATS.items())
 
     documented = table_rows(REPO / "docs" / "export.md", "| `--to` | what it is: how it loads | from Python |")
