@@ -1,5 +1,9 @@
 """The Gradio page and the named API endpoints, built from a :class:`~app.studio.Studio`; wiring only.
 
+:func:`build` makes the page one tab at a time (``_train_tab``, ``_generate_tab``, ``_adapters_tab``, then
+``_api_endpoints``); each lays out its components and wires them to a :class:`Handlers` method, which turns the page's
+values into one Studio call.
+
 Endpoints for scripts and ``gradio_client``: train, job_status, list_jobs, cancel, resume, generate, list_adapters,
 download_adapter, import_adapter, delete_adapter. Library errors (a bad photo, a wrong base model) reach the user as
 their message through ``gr.Error``.
@@ -13,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 import pandas as pd
@@ -166,20 +170,26 @@ def _given(value: Any, message: str) -> Any:
     return value
 
 
-def build(studio: Studio) -> gr.Blocks:
-    """The whole page; every handler is a few lines over ``studio``."""
-    d = studio.defaults()
+class Handlers:
+    """What the page's events and the API endpoints call: each turns the page's values into one ``studio`` call and
+    its answer into what the page shows. The tab functions below only lay out components and wire them to these."""
 
-    def job_view(job_id: str | None) -> tuple[Any, ...]:
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+        self.defaults = studio.defaults()  # the Train form's starting values
+
+    # ----------------------------------------------------------------------------------------------------- train
+
+    def job_view(self, job_id: str | None) -> tuple[Any, ...]:
         """The picked job, else the one running (a reopened page follows it, not the newest cancelled one)."""
-        jobs = studio.list_jobs()
+        jobs = self.studio.list_jobs()
         active = [j for j in jobs if j["status"] in ACTIVE]
         job = next((j for j in jobs if j["id"] == job_id), None) or next(
             (j for j in active if j["status"] != "queued"), active[-1] if active else jobs[0] if jobs else None)
         samples = [(p, _sample_caption(p)) for p in job["samples"][-8:]] if job else []
         return _progress_html(job), samples, _loss_frame(job), _job_rows(jobs), job and job["id"]
 
-    def train(photos: list[str] | None, token: str, class_noun: str, steps: float, r: float, lr: float,
+    def train(self, photos: list[str] | None, token: str, class_noun: str, steps: float, r: float, lr: float,
               lam: float, resolution: float, prior: bool, seed: float) -> dict[str, Any]:  # fmt: skip
         settings = TrainForm(
             token=(token or "").strip(),
@@ -191,38 +201,41 @@ def build(studio: Studio) -> gr.Blocks:
             resolution=_number(resolution, "Resolution", int),
             prior_preservation=bool(prior),
             seed=_number(seed, "Seed", int),
-            num_class_images=d.num_class_images,
-            preview_steps=d.preview_steps,
+            num_class_images=self.defaults.num_class_images,
+            preview_steps=self.defaults.preview_steps,
         )
-        return studio.train(photos or [], settings)
+        return self.studio.train(photos or [], settings)
 
-    def check_uploads(photos: list[str] | None) -> tuple[list[str], str]:
-        good, rejected = studio.check_photos(photos or [])
+    def check_uploads(self, photos: list[str] | None) -> tuple[list[str], str]:
+        good, rejected = self.studio.check_photos(photos or [])
         lines = [f"- **{r['file']}**: {r['reason']}" for r in rejected]
         if len(good) > MAX_PHOTOS:
             lines.insert(0, f"- {len(good)} photos: at most {MAX_PHOTOS} are used per run")
         head = f"**{len(good)} photo(s) accepted.**" if good else ""
         return [str(p) for p in good], "\n".join([head, *(["Rejected:", *lines] if lines else [])])
 
-    def start(*inputs: Any) -> tuple[str, str]:
-        job = train(*inputs)
+    def start(self, *inputs: Any) -> tuple[str, str]:
+        job = self.train(*inputs)
         skipped = f" ({len(job['rejected'])} file(s) skipped, see the list above)" if job["rejected"] else ""
         return f"Job `{job['id']}` submitted{skipped}; its progress is below.", job["id"]
 
+    @staticmethod
     def pick_job(evt: gr.SelectData) -> str:
         return evt.row_value[0]
 
-    def stop_selected(job_id: str | None) -> None:
-        studio.cancel(_given(job_id, "no job to stop"))
+    def stop_selected(self, job_id: str | None) -> None:
+        self.studio.cancel(_given(job_id, "no job to stop"))
 
-    def resume_selected(job_id: str | None) -> None:
-        studio.resume(_given(job_id, "no job to resume"))
+    def resume_selected(self, job_id: str | None) -> None:
+        self.studio.resume(_given(job_id, "no job to resume"))
 
-    def generate(prompt: str, adapter: str | None, negative: str, seed: float, steps: float, guidance: float,
+    # -------------------------------------------------------------------------------------------------- generate
+
+    def generate(self, prompt: str, adapter: str | None, negative: str, seed: float, steps: float, guidance: float,
                  num_images: float, strength: float, control_adapter: str | None = None, control_image: Any = None,
                  control_type: str = "canny", control_scale: float = 1.0) -> list[Any]:  # fmt: skip
         """The None defaults make the control inputs optional for API clients (gradio reads them from here)."""
-        return studio.generate(
+        return self.studio.generate(
             prompt,
             adapter or None,
             negative or "",
@@ -237,36 +250,20 @@ def build(studio: Studio) -> gr.Blocks:
             _number(control_scale, "Control strength"),
         )
 
-    def prompt_for(name: str | None, prompt: str) -> str:
+    def prompt_for(self, name: str | None, prompt: str) -> str:
         """A newly picked adapter brings its own instance prompt (its token), as a LoRA brings its trigger word."""
-        info = next((a for a in studio.list_adapters() if a["name"] == name and "error" not in a), None)
+        info = next((a for a in self.studio.list_adapters() if a["name"] == name and "error" not in a), None)
         return (info or {}).get("instance_prompt") or prompt
 
-    def preview_condition(image: Any, control_type: str) -> Any:
-        return studio.condition(image, control_type) if image is not None else None
+    def preview_condition(self, image: Any, control_type: str) -> Any:
+        return self.studio.condition(image, control_type) if image is not None else None
 
-    def download_adapter(name: str, fmt: str) -> str:
-        return str(studio.export_adapter(name, fmt))
+    # -------------------------------------------------------------------------------------------------- adapters
 
-    def import_adapter(upload: str | None) -> dict[str, Any]:
-        return studio.import_adapter(_given(upload, "choose a .safetensors adapter file first"))
-
-    def import_in_page(upload: str | None) -> tuple[Any, ...]:
-        info = import_adapter(upload)
-        return f"Imported **{info['name']}** ({info['kind']} adapter).", *adapters_view(info["name"])
-
-    def delete_adapter(name: str) -> dict[str, Any]:
-        studio.delete_adapter(name)
-        return {"deleted": name}
-
-    def delete_in_page(name: str | None) -> tuple[Any, ...]:
-        delete_adapter(_given(name, "choose an adapter first"))
-        return f"Deleted **{name}**.", *adapters_view()
-
-    def adapters_view(shelf_pick: str | None = None, gen_pick: str | None = None,
+    def adapters_view(self, shelf_pick: str | None = None, gen_pick: str | None = None,
                       control_pick: str | None = None) -> tuple[Any, ...]:  # fmt: skip
         """The table and the three adapter pickers, keeping picks that still exist (else: the newest)."""
-        rows = studio.list_adapters()
+        rows = self.studio.list_adapters()
         names = [a["name"] for a in rows]
         subjects = [a["name"] for a in rows if a.get("kind") != CONTROL_KIND]
         controls = [a["name"] for a in rows if a.get("kind") == CONTROL_KIND]
@@ -279,6 +276,28 @@ def build(studio: Studio) -> gr.Blocks:
             gr.update(visible=bool(controls)),
         )  # fmt: skip
 
+    def download_adapter(self, name: str, fmt: str) -> str:
+        return str(self.studio.export_adapter(name, fmt))
+
+    def import_adapter(self, upload: str | None) -> dict[str, Any]:
+        return self.studio.import_adapter(_given(upload, "choose a .safetensors adapter file first"))
+
+    def import_in_page(self, upload: str | None) -> tuple[Any, ...]:
+        info = self.import_adapter(upload)
+        return f"Imported **{info['name']}** ({info['kind']} adapter).", *self.adapters_view(info["name"])
+
+    def delete_adapter(self, name: str) -> dict[str, Any]:
+        self.studio.delete_adapter(name)
+        return {"deleted": name}
+
+    def delete_in_page(self, name: str | None) -> tuple[Any, ...]:
+        self.delete_adapter(_given(name, "choose an adapter first"))
+        return f"Deleted **{name}**.", *self.adapters_view()
+
+
+def build(studio: Studio) -> gr.Blocks:
+    """The whole page, one tab at a time, then the API-only endpoints; every handler is a :class:`Handlers` method."""
+    h = Handlers(studio)
     with gr.Blocks(title="HRA Studio", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# HRA Studio\nTeach Stable Diffusion a subject from a few photos with Householder Reflection "
@@ -286,132 +305,196 @@ def build(studio: Studio) -> gr.Blocks:
         )
         if studio.demo:
             gr.Markdown(WORLD_NOTE if studio.world else DEMO_NOTE, elem_id="demo-note")
-        selected = gr.State(None)
-        api_out = gr.JSON(visible=False)
-
-        with gr.Tab("Train", id="train"):
-            with gr.Row():
-                with gr.Column():
-                    photos = gr.File(
-                        label=f"Photos of your subject (1-{MAX_PHOTOS}; JPEG, PNG, WebP)", file_count="multiple",
-                        file_types=["image"], height=160, elem_id="photos",
-                    )  # fmt: skip
-                    preview = gr.Gallery(label="Accepted photos", columns=6, height=160, elem_id="photo-preview")
-                    upload_report = gr.Markdown(elem_id="upload-report")
-                    examples, example_buttons = studio.demo_subjects(), []
-                    if examples:
-                        gr.Markdown("**Demo subjects** (photos the base model has never seen): click one to use it.")
-                        with gr.Row():
-                            example_buttons = [gr.Button(e["name"].replace("_", " "), size="sm",
-                                                         elem_id=f"example-{e['name']}") for e in examples]
-                with gr.Column():
-                    with gr.Row():
-                        token = gr.Textbox(d.token, label="Subject token", info="a rare word meaning your subject")
-                        class_noun = gr.Textbox(d.class_noun, label="Class noun", info="what it is: dog, mug, person")
-                    with gr.Row():
-                        steps = gr.Number(d.steps, label="Steps", precision=0, minimum=1, elem_id="train-steps")
-                        r = gr.Number(d.r, label="r (reflections)", precision=0, minimum=1)
-                        resolution = gr.Number(d.resolution, label="Resolution", precision=0, minimum=32, step=8)
-                    with gr.Row():
-                        lr = gr.Number(d.learning_rate, label="Learning rate")
-                        lam = gr.Number(d.lambda_orth, label="λ (orthogonality)", minimum=0)
-                        seed = gr.Number(d.seed, label="Seed", precision=0)
-                    prior = gr.Checkbox(d.prior_preservation, label="Prior preservation (makes class images first)")
-                    start_btn = gr.Button("Start training", variant="primary", elem_id="start-train")
-                    start_msg = gr.Markdown(elem_id="start-msg")
-            progress = gr.HTML(_progress_html(None), elem_id="progress-box")
-            with gr.Row():
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-job")
-                resume_btn = gr.Button("Resume from last checkpoint", elem_id="resume-job")
-            with gr.Row():
-                samples = gr.Gallery(label="Samples during training", columns=4, height=220, object_fit="contain",
-                                     elem_id="samples", scale=2)
-                loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", height=220,
-                                        label="Loss (live)", elem_id="loss-plot", scale=1)
-            job_table = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs (click one to follow it)", interactive=False)
-
-        with gr.Tab("Generate", id="generate") as generate_tab:
-            with gr.Row():
-                with gr.Column():
-                    adapter = gr.Dropdown([("(none: base model)", "")], value="", label="Adapter",
-                                          allow_custom_value=True, elem_id="gen-adapter")  # fmt: skip
-                    prompt = gr.Textbox(d.instance_prompt, label="Prompt", elem_id="gen-prompt")
-                    negative = gr.Textbox("", label="Negative prompt")
-                    with gr.Row():
-                        gen_seed = gr.Number(0, label="Seed", precision=0)
-                        gen_steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=150, elem_id="g-steps")
-                        guidance = gr.Number(7.5, label="Guidance", minimum=0)
-                    with gr.Row():
-                        num_images = gr.Slider(1, 8, 1, step=1, label="Images")
-                        strength = gr.Slider(0, 1, 1, step=0.05, label="Adapter strength")
-                    with gr.Accordion("Control (layout from an image)", open=False, visible=False) as control_box:
-                        control_adapter = gr.Dropdown([], label="Control adapter", allow_custom_value=True)
-                        with gr.Row():
-                            control_image = gr.Image(type="pil", label="Control image", height=200,
-                                                     elem_id="control-image")  # fmt: skip
-                            condition = gr.Image(type="pil", label="What the adapter sees", height=200,
-                                                 interactive=False, elem_id="condition")  # fmt: skip
-                        with gr.Row():
-                            control_type = gr.Radio(list(CONTROL_TYPES), value="canny", label="Preprocessing",
-                                                    info="canny: edges of a photo; none: already a condition map")
-                            control_scale = gr.Slider(0, 2, 1, step=0.05, label="Control strength")
-                    gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                gallery = gr.Gallery(label="Images", columns=2, height=480, format="png", elem_id="gallery",
-                                     buttons=["download", "fullscreen"])  # fmt: skip
-
-        with gr.Tab("Adapters", id="adapters") as adapters_tab:
-            adapter_table = gr.Dataframe(headers=ADAPTER_COLUMNS, label="Adapters", interactive=False, wrap=True,
-                                         elem_id="adapter-table")
-            with gr.Row():
-                chosen = gr.Dropdown(label="Adapter", allow_custom_value=True, elem_id="shelf-adapter")
-                fmt = gr.Radio([(f"{k}: {v}", k) for k, v in DOWNLOADS.items()], value=HRA_FILE, label="Download as")
-            with gr.Row():
-                download_btn = gr.Button("Prepare download", variant="primary")
-                delete_btn = gr.Button("Delete", variant="stop")
-            download = gr.File(label="Download", interactive=False, height=80)
-            with gr.Accordion("Import an adapter file", open=False):
-                upload = gr.File(label="HRA Studio adapter (.safetensors)", file_types=[".safetensors"], height=120,
-                                 elem_id="import-file")
-                import_btn = gr.Button("Import")
-            shelf_msg = gr.Markdown(elem_id="shelf-msg")
-
-        # The page.
-        photos.change(check_uploads, photos, [preview, upload_report], api_visibility="private")
-        for button, example in zip(example_buttons, examples):
-            button.click(lambda e=example: (e["photos"], d.token, e["class_noun"]), None, [photos, token, class_noun],
-                         api_visibility="private")
-        train_inputs = [photos, token, class_noun, steps, r, lr, lam, resolution, prior, seed]
-        start_btn.click(_in_page(start, 0, 2), train_inputs, [start_msg, selected], api_visibility="private")
-        view = [progress, samples, loss_plot, job_table, selected]
-        gr.Timer(1.0).tick(job_view, selected, view, queue=False, api_visibility="private")
-        job_table.select(pick_job, None, selected, api_visibility="private")
-        stop_btn.click(_user_errors(stop_selected), selected, None, api_visibility="private")
-        resume_btn.click(_user_errors(resume_selected), selected, None, api_visibility="private")
-        gen_inputs = [prompt, adapter, negative, gen_seed, gen_steps, guidance, num_images, strength,
-                      control_adapter, control_image, control_type, control_scale]  # fmt: skip
-        gen_btn.click(_user_errors(generate), gen_inputs, gallery, api_name="generate")
-        adapter.change(prompt_for, [adapter, prompt], prompt, api_visibility="private")
-        gr.on([control_image.change, control_type.change], _user_errors(preview_condition),
-              [control_image, control_type], condition, api_visibility="private")  # fmt: skip
-        shelf = [adapter_table, chosen, adapter, control_adapter, control_box]
-        for event in (demo.load, adapters_tab.select, generate_tab.select):
-            event(adapters_view, [chosen, adapter, control_adapter], shelf, api_visibility="private")
-        download_btn.click(_user_errors(download_adapter), [chosen, fmt], download, api_name="download_adapter")
-        delete_btn.click(_in_page(delete_in_page, 0, 1 + len(shelf)), chosen, [shelf_msg, *shelf],
-                         api_visibility="private")
-        import_btn.click(_in_page(import_in_page, 0, 1 + len(shelf)), upload, [shelf_msg, *shelf],
-                         api_visibility="private")
-
-        # API-only endpoints: the same inputs as the page, a JSON answer.
-        gr.Button(visible=False).click(_user_errors(train), train_inputs, api_out, api_name="train")
-        gr.Button(visible=False).click(_user_errors(import_adapter), upload, api_out, api_name="import_adapter")
-        for fn, name in (
-            (studio.job_status, "job_status"),
-            (studio.list_jobs, "list_jobs"),
-            (studio.cancel, "cancel"),
-            (studio.resume, "resume"),
-            (studio.list_adapters, "list_adapters"),
-            (delete_adapter, "delete_adapter"),
-        ):
-            gr.api(_user_errors(fn), api_name=name)
+        train_inputs = _train_tab(h)
+        pickers = _generate_tab(h)
+        upload = _adapters_tab(h, demo, pickers)
+        _api_endpoints(h, train_inputs, upload)
     return demo
+
+
+# ------------------------------------------------------------------------------------------------------- train tab
+
+
+def _train_tab(h: Handlers) -> list[Any]:
+    """Photos, settings and Start, then the followed job; returns the /train endpoint's inputs."""
+    with gr.Tab("Train", id="train"):
+        with gr.Row():
+            photos, examples = _photos_column(h)
+            fields, start_btn, start_msg = _settings_column(h.defaults)
+        selected = gr.State(None)  # the followed job's id
+        view = _jobs_panel(h, selected)
+    gr.Timer(1.0).tick(h.job_view, selected, view, queue=False, api_visibility="private")
+    token, class_noun = fields[:2]
+    for button, example in examples:
+        button.click(lambda e=example: (e["photos"], h.defaults.token, e["class_noun"]), None,
+                     [photos, token, class_noun], api_visibility="private")  # fmt: skip
+    inputs = [photos, *fields]
+    start_btn.click(_in_page(h.start, 0, 2), inputs, [start_msg, selected], api_visibility="private")
+    return inputs
+
+
+def _photos_column(h: Handlers) -> tuple[gr.File, list[tuple[gr.Button, dict[str, Any]]]]:
+    """The photos, checked as they arrive, and a button per demo subject (with the subject it fills in)."""
+    with gr.Column():
+        photos = gr.File(
+            label=f"Photos of your subject (1-{MAX_PHOTOS}; JPEG, PNG, WebP)", file_count="multiple",
+            file_types=["image"], height=160, elem_id="photos",
+        )  # fmt: skip
+        preview = gr.Gallery(label="Accepted photos", columns=6, height=160, elem_id="photo-preview")
+        upload_report = gr.Markdown(elem_id="upload-report")
+        examples, buttons = h.studio.demo_subjects(), []
+        if examples:
+            gr.Markdown("**Demo subjects** (photos the base model has never seen): click one to use it.")
+            with gr.Row():
+                buttons = [gr.Button(e["name"].replace("_", " "), size="sm", elem_id=f"example-{e['name']}")
+                           for e in examples]  # fmt: skip
+    photos.change(h.check_uploads, photos, [preview, upload_report], api_visibility="private")
+    return photos, list(zip(buttons, examples))
+
+
+def _settings_column(d: TrainForm) -> tuple[list[Any], gr.Button, gr.Markdown]:
+    """The Train form's fields in /train's order (token, class_noun, steps, r, lr, lam, resolution, prior, seed),
+    the Start button and its message."""
+    with gr.Column():
+        with gr.Row():
+            token = gr.Textbox(d.token, label="Subject token", info="a rare word meaning your subject")
+            class_noun = gr.Textbox(d.class_noun, label="Class noun", info="what it is: dog, mug, person")
+        with gr.Row():
+            steps = gr.Number(d.steps, label="Steps", precision=0, minimum=1, elem_id="train-steps")
+            r = gr.Number(d.r, label="r (reflections)", precision=0, minimum=1)
+            resolution = gr.Number(d.resolution, label="Resolution", precision=0, minimum=32, step=8)
+        with gr.Row():
+            lr = gr.Number(d.learning_rate, label="Learning rate")
+            lam = gr.Number(d.lambda_orth, label="λ (orthogonality)", minimum=0)
+            seed = gr.Number(d.seed, label="Seed", precision=0)
+        prior = gr.Checkbox(d.prior_preservation, label="Prior preservation (makes class images first)")
+        start_btn = gr.Button("Start training", variant="primary", elem_id="start-train")
+        start_msg = gr.Markdown(elem_id="start-msg")
+    return [token, class_noun, steps, r, lr, lam, resolution, prior, seed], start_btn, start_msg
+
+
+def _jobs_panel(h: Handlers, selected: gr.State) -> list[Any]:
+    """The followed job (progress, samples, live loss), Stop and Resume, and the jobs table; returns what the
+    page's timer refreshes from :meth:`Handlers.job_view`."""
+    progress = gr.HTML(_progress_html(None), elem_id="progress-box")
+    with gr.Row():
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-job")
+        resume_btn = gr.Button("Resume from last checkpoint", elem_id="resume-job")
+    with gr.Row():
+        samples = gr.Gallery(label="Samples during training", columns=4, height=220, object_fit="contain",
+                             elem_id="samples", scale=2)
+        loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", height=220,
+                                label="Loss (live)", elem_id="loss-plot", scale=1)
+    job_table = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs (click one to follow it)", interactive=False)
+    job_table.select(h.pick_job, None, selected, api_visibility="private")
+    stop_btn.click(_user_errors(h.stop_selected), selected, None, api_visibility="private")
+    resume_btn.click(_user_errors(h.resume_selected), selected, None, api_visibility="private")
+    return [progress, samples, loss_plot, job_table, selected]
+
+
+# ---------------------------------------------------------------------------------------------------- generate tab
+
+
+class _Pickers(NamedTuple):
+    """The Generate tab's adapter pickers, which the Adapters tab keeps in step with the shelf."""
+
+    tab: gr.Tab
+    adapter: gr.Dropdown
+    control_adapter: gr.Dropdown
+    control_box: gr.Accordion
+
+
+def _generate_tab(h: Handlers) -> _Pickers:
+    """Adapter, prompt and numbers, the optional control image, the gallery; the /generate endpoint."""
+    with gr.Tab("Generate", id="generate") as tab:
+        with gr.Row():
+            with gr.Column():
+                adapter = gr.Dropdown([("(none: base model)", "")], value="", label="Adapter",
+                                      allow_custom_value=True, elem_id="gen-adapter")  # fmt: skip
+                prompt = gr.Textbox(h.defaults.instance_prompt, label="Prompt", elem_id="gen-prompt")
+                negative = gr.Textbox("", label="Negative prompt")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0)
+                    steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=150, elem_id="g-steps")
+                    guidance = gr.Number(7.5, label="Guidance", minimum=0)
+                with gr.Row():
+                    num_images = gr.Slider(1, 8, 1, step=1, label="Images")
+                    strength = gr.Slider(0, 1, 1, step=0.05, label="Adapter strength")
+                control_box, control = _control_box(h)
+                gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(label="Images", columns=2, height=480, format="png", elem_id="gallery",
+                                 buttons=["download", "fullscreen"])  # fmt: skip
+    inputs = [prompt, adapter, negative, seed, steps, guidance, num_images, strength, *control]
+    gen_btn.click(_user_errors(h.generate), inputs, gallery, api_name="generate")
+    adapter.change(h.prompt_for, [adapter, prompt], prompt, api_visibility="private")
+    return _Pickers(tab, adapter, control[0], control_box)
+
+
+def _control_box(h: Handlers) -> tuple[gr.Accordion, list[Any]]:
+    """The control inputs (adapter, image, preprocessing, strength), hidden until a control adapter is on the shelf;
+    the condition map the adapter sees is shown beside the image."""
+    with gr.Accordion("Control (layout from an image)", open=False, visible=False) as box:
+        control_adapter = gr.Dropdown([], label="Control adapter", allow_custom_value=True)
+        with gr.Row():
+            control_image = gr.Image(type="pil", label="Control image", height=200, elem_id="control-image")
+            condition = gr.Image(type="pil", label="What the adapter sees", height=200, interactive=False,
+                                 elem_id="condition")  # fmt: skip
+        with gr.Row():
+            control_type = gr.Radio(list(CONTROL_TYPES), value="canny", label="Preprocessing",
+                                    info="canny: edges of a photo; none: already a condition map")
+            control_scale = gr.Slider(0, 2, 1, step=0.05, label="Control strength")
+    gr.on([control_image.change, control_type.change], _user_errors(h.preview_condition),
+          [control_image, control_type], condition, api_visibility="private")  # fmt: skip
+    return box, [control_adapter, control_image, control_type, control_scale]
+
+
+# ---------------------------------------------------------------------------------------------------- adapters tab
+
+
+def _adapters_tab(h: Handlers, demo: gr.Blocks, pickers: _Pickers) -> gr.File:
+    """The shelf's table, download, delete and import, kept in step with the Generate tab's pickers; the
+    /download_adapter endpoint. Returns the import's upload (the /import_adapter endpoint's input)."""
+    with gr.Tab("Adapters", id="adapters") as tab:
+        table = gr.Dataframe(headers=ADAPTER_COLUMNS, label="Adapters", interactive=False, wrap=True,
+                             elem_id="adapter-table")
+        with gr.Row():
+            chosen = gr.Dropdown(label="Adapter", allow_custom_value=True, elem_id="shelf-adapter")
+            fmt = gr.Radio([(f"{k}: {v}", k) for k, v in DOWNLOADS.items()], value=HRA_FILE, label="Download as")
+        with gr.Row():
+            download_btn = gr.Button("Prepare download", variant="primary")
+            delete_btn = gr.Button("Delete", variant="stop")
+        download = gr.File(label="Download", interactive=False, height=80)
+        with gr.Accordion("Import an adapter file", open=False):
+            upload = gr.File(label="HRA Studio adapter (.safetensors)", file_types=[".safetensors"], height=120,
+                             elem_id="import-file")
+            import_btn = gr.Button("Import")
+        message = gr.Markdown(elem_id="shelf-msg")
+    shelf = [table, chosen, pickers.adapter, pickers.control_adapter, pickers.control_box]
+    for event in (demo.load, tab.select, pickers.tab.select):
+        event(h.adapters_view, [chosen, pickers.adapter, pickers.control_adapter], shelf, api_visibility="private")
+    download_btn.click(_user_errors(h.download_adapter), [chosen, fmt], download, api_name="download_adapter")
+    delete_btn.click(_in_page(h.delete_in_page, 0, 1 + len(shelf)), chosen, [message, *shelf],
+                     api_visibility="private")
+    import_btn.click(_in_page(h.import_in_page, 0, 1 + len(shelf)), upload, [message, *shelf],
+                     api_visibility="private")
+    return upload
+
+
+# --------------------------------------------------------------------------------------------------------- the API
+
+
+def _api_endpoints(h: Handlers, train_inputs: list[Any], upload: gr.File) -> None:
+    """The API-only endpoints: the page's inputs where it has them, a JSON answer."""
+    api_out = gr.JSON(visible=False)
+    gr.Button(visible=False).click(_user_errors(h.train), train_inputs, api_out, api_name="train")
+    gr.Button(visible=False).click(_user_errors(h.import_adapter), upload, api_out, api_name="import_adapter")
+    studio = h.studio
+    for fn, name in (
+        (studio.job_status, "job_status"),
+        (studio.list_jobs, "list_jobs"),
+        (studio.cancel, "cancel"),
+        (studio.resume, "resume"),
+        (studio.list_adapters, "list_adapters"),
+        (h.delete_adapter, "delete_adapter"),
+    ):
+        gr.api(_user_errors(fn), api_name=name)
