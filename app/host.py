@@ -65,7 +65,7 @@ class PipelineHost:
         """Build the demo model if needed, then load the pipeline once; an error is kept and shown on every use."""
         try:
             if self._base is None:
-                from hra_diffusion.tiny import ensure_tiny_pipeline  # imports diffusers: kept off the start path
+                from hra_diffusion.testing.tiny import ensure_tiny_pipeline  # diffusers: kept off the start path
 
                 self._base = str(ensure_tiny_pipeline(self._models_dir, controlnet=False))
             self._pipe = load_pipeline(self._base)

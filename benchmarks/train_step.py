@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hra_diffusion.cli import HelpFormatter  # noqa: E402
-from hra_diffusion.tiny import SD15_UNET_CONFIG  # noqa: E402
+from hra_diffusion.testing.tiny import SD15_UNET_CONFIG  # noqa: E402
 
 MODES = ("hra", "lora")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

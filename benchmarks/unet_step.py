@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hra_diffusion.cli import HelpFormatter  # noqa: E402
-from hra_diffusion.tiny import SD15_UNET_CONFIG, SDXL_UNET_CONFIG  # noqa: E402
+from hra_diffusion.testing.tiny import SD15_UNET_CONFIG, SDXL_UNET_CONFIG  # noqa: E402
 
 MODES = ["frozen", "lora", "hra_peft", "ours"]
 # UNet config, text-state width, pooled width (SDXL's added "text_time" conditioning), label, memory vs SD1.5

@@ -26,7 +26,7 @@ def tiny_unet(tiny_sd: Path):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny epsilon-prediction SD pipeline folder with `controlnet/`."""
-    from hra_diffusion.tiny import build_tiny_pipeline
+    from hra_diffusion.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd", controlnet=True)
 
@@ -34,7 +34,7 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny v-prediction SD pipeline folder, no controlnet."""
-    from hra_diffusion.tiny import build_tiny_pipeline
+    from hra_diffusion.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_v") / "sd", prediction_type="v_prediction")
 
@@ -42,6 +42,6 @@ def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL pipeline folder (two text encoders, size conditioning)."""
-    from hra_diffusion.tiny import build_tiny_pipeline
+    from hra_diffusion.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_xl") / "sdxl", sdxl=True)

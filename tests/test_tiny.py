@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hra_diffusion import tiny
+from hra_diffusion.testing import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -163,7 +163,8 @@ def test_ensure_race_loser_uses_winner(tmp_path, monkeypatch):
 
 def test_cli(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "hra_diffusion.tiny", str(out), "--prediction-type", "v_prediction", "--seed", "3"]
+    cmd = [sys.executable, "-m", "hra_diffusion.testing.tiny", str(out),
+           "--prediction-type", "v_prediction", "--seed", "3"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()

@@ -289,7 +289,7 @@ def _build_base(out: Path, cfg: BuildConfig, world: World, tokenizer, log: dict)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel
 
-    from ..tiny import ddim_scheduler
+    from ..testing.tiny import ddim_scheduler
 
     scheduler = ddim_scheduler("epsilon")
     _stage(out, "parts/vae", log, lambda tmp: build_vae(world, cfg, log).save_pretrained(tmp))
@@ -315,7 +315,7 @@ def _build_base(out: Path, cfg: BuildConfig, world: World, tokenizer, log: dict)
 
 def build(out: str | Path, cfg: BuildConfig | None = None) -> Path:
     """Build (or finish building) the demo world into `out`: base/, scorer/clip, scorer/dino, subjects/."""
-    from ..tiny import clip_tokenizer
+    from ..testing.tiny import clip_tokenizer
 
     cfg = cfg or BuildConfig()
     out = Path(out)

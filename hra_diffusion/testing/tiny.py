@@ -32,8 +32,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .cli import HelpFormatter
-from .io import folder_mode
+from ..cli import HelpFormatter
+from ..io import folder_mode
 
 MARKER = "tiny_sd.json"  # written last into every folder this module builds
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -88,7 +88,10 @@ def _clip_bpe() -> tuple[tuple[str, ...], dict[str, int]]:
     """(merges, vocab) of OpenAI CLIP, from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`."""
     spec = importlib.util.find_spec("open_clip")  # locate the package without importing it (and torchvision)
     if spec is None or spec.origin is None:
-        raise RuntimeError("open_clip_torch is required: it ships the CLIP BPE vocabulary (bpe_simple_vocab_16e6)")
+        raise ModuleNotFoundError(
+            'the CLIP vocabulary (bpe_simple_vocab_16e6) ships with open_clip: pip install "hra-studio[eval]"',
+            name="open_clip",
+        )
     bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = tuple(lines[1 : N_MERGES + 1])  # line 0 is a version header
@@ -320,7 +323,7 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike, controlnet: bool = True) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hra_diffusion.tiny", description=__doc__.splitlines()[0],
+        prog="python -m hra_diffusion.testing.tiny", description=__doc__.splitlines()[0],
         formatter_class=HelpFormatter,
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to")
