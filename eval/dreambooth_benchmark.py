@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import os
 import shlex
 import subprocess
@@ -25,33 +24,39 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from PIL import Image, ImageDraw, ImageOps
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from eval.images import load_images
 from eval.metrics import CLIPScorer, DINOScorer, LPIPSScorer, ModelLoadError
 from eval.prompts import DEFAULT_TOKEN, Subject, load_benchmark, shard
 from eval.score import METRICS, ScorerSettings, add_scorer_arguments, markdown_table, score_images, write_json_atomic
-from hra_diffusion import AdapterFileError, read_hra_metadata, remove_hra
+from hra_diffusion import AdapterFileError, read_hra_metadata
+from hra_diffusion.baselines import (
+    ADAPTER_KINDS,
+    attach_trained,
+    detach_trained,
+    find_trained,
+    trained_kind,
+    trained_parameters,
+)
 from hra_diffusion.cli import HelpFormatter
 from hra_diffusion.io import atomic_write
 from hra_diffusion.pipelines import (
     SCHEDULERS,
     ModelNotFoundError,
-    attach_adapters,
     generate,
     load_pipeline,
-    pipeline_components,
     set_scheduler,
 )
 from hra_diffusion.train import ADAPTER_FILE, write_request
+from hra_diffusion.train.events import ProgressReader, Resources
 from hra_diffusion.train.settings import trainer_argv
 from training.dreambooth_hra import DreamBoothSettings
 
@@ -90,11 +95,10 @@ def benchmark_jobs(subjects: Sequence[Subject], images_per_prompt: int) -> list[
 
 
 def find_adapter(adapters_dir: Path, subject: str) -> Path | None:
-    """The subject's adapter file in either layout, or None."""
-    for path in (adapters_dir / subject / ADAPTER_FILE, adapters_dir / f"{subject}.safetensors"):
-        if path.is_file():
-            return path
-    return None
+    """The subject's trained result in either layout (a trainer's output folder: HRA, LoRA or OFT; or an HRA file
+    named after it), or None."""
+    flat = adapters_dir / f"{subject}.safetensors"
+    return find_trained(adapters_dir / subject) or (flat if flat.is_file() else None)
 
 
 def missing_adapters(adapters_dir: Path, subjects: Sequence[Subject]) -> list[str]:
@@ -111,15 +115,9 @@ def resolve_adapters(adapters_dir: Path, subjects: Sequence[Subject]) -> dict[st
             "pass --train to train the missing ones first.")
     adapters = {subject.name: find_adapter(adapters_dir, subject.name) for subject in subjects}
     for path in adapters.values():
-        read_hra_metadata(path)
+        if trained_kind(path) == "hra":
+            read_hra_metadata(path)
     return adapters
-
-
-def trainable_parameters(path: Path) -> int:
-    """Numbers trained in an adapter file: the `hra_u` vectors, not the frozen start vectors (`hra_u0`) of GS ones."""
-    keys = read_hra_metadata(path)["tensor_keys"]
-    with safe_open(str(path), framework="pt") as handle:
-        return sum(math.prod(handle.get_slice(key).get_shape()) for key in keys if key.endswith(".hra_u"))
 
 
 def is_black(image: Image.Image) -> bool:
@@ -164,20 +162,36 @@ def trainer_request(args: argparse.Namespace, subject: Subject) -> DreamBoothSet
         hra_r=args.hra_r,
         hra_lambda=args.hra_lambda,
         hra_apply_GS=args.hra_apply_GS,
+        adapter=args.adapter,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        oft_block_size=args.oft_block_size,
         resolution=args.train_resolution,
         seed=args.seed,
         **prior,
     )
 
 
-def trainer_command(args: argparse.Namespace, request: Path) -> list[str]:
+def trainer_command(args: argparse.Namespace, request: Path, progress: Path | None = None) -> list[str]:
     """The command that trains on a request file (--train_extra_args still override it)."""
     if args.train_launcher == "accelerate":
-        python, *script = trainer_argv(str(TRAINER), request)
+        python, *script = trainer_argv(str(TRAINER), request, progress_file=progress)
         command = [python, "-m", "accelerate.commands.launch", *script]
     else:
-        command = trainer_argv("training.dreambooth_hra", request)
+        command = trainer_argv("training.dreambooth_hra", request, progress_file=progress)
     return command + shlex.split(args.train_extra_args)
+
+
+def progress_path(args: argparse.Namespace, subject: str) -> Path:
+    return args.out / "requests" / f"{subject}.progress.jsonl"
+
+
+def training_cost(args: argparse.Namespace, subject: str) -> dict[str, float | None]:
+    """Seconds of training and peak memory of the subject's run, from its progress file (None: not trained here)."""
+    path = progress_path(args, subject)
+    found = [e for e in ProgressReader(path).read() if isinstance(e, Resources)] if path.is_file() else []
+    last = found[-1] if found else None
+    return {"train_s": last.train_s if last else None, "peak_memory_mib": last.peak_memory_mib if last else None}
 
 
 def train_adapters(args: argparse.Namespace, subjects: Sequence[Subject]) -> None:
@@ -189,7 +203,7 @@ def train_adapters(args: argparse.Namespace, subjects: Sequence[Subject]) -> Non
            if key not in LAUNCH_ENV and not key.startswith(LAUNCH_ENV_PREFIXES)}
     for subject in tqdm(subjects, desc="training adapters", disable=None):
         request = write_request(trainer_request(args, subject), args.out / "requests" / f"{subject.name}.json")
-        command = trainer_command(args, request)
+        command = trainer_command(args, request, progress_path(args, subject.name))
         print(f"training {subject.name}: {shlex.join(command)}", flush=True)
         returncode = subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
         if returncode != 0:
@@ -209,9 +223,8 @@ def generate_jobs(pipe, subjects: Mapping[str, Subject], adapters: Mapping[str, 
     current = None
     for job in tqdm(jobs, desc="generating", disable=None if show_progress else True):
         if job.subject != current:
-            for model in pipeline_components(pipe).values():
-                remove_hra(model)
-            attach_adapters(pipe, [adapters[job.subject]], names=[job.subject])
+            detach_trained(pipe)
+            attach_trained(pipe, adapters[job.subject], job.subject)
             current = job.subject
         (image,) = generate(pipe, subjects[job.subject].prompts[job.prompt_idx], seed=args.seed + job.image_idx,
                             steps=args.steps, guidance=args.guidance, height=args.resolution, width=args.resolution)
@@ -237,7 +250,7 @@ def score_subjects(subjects: Sequence[Subject], adapters: Mapping[str, Path], jo
             row.update(prompt=prompt, black=dark)
         results[subject.name] = {
             "class": subject.class_name, "live": subject.is_live, "adapter": str(adapters[subject.name]),
-            "trainable_params": trainable_parameters(adapters[subject.name]), "num_real": len(subject.image_paths),
+            "trainable_params": trained_parameters(adapters[subject.name]), "num_real": len(subject.image_paths),
             "num_generated": len(generated), "black_images": sum(black), **scores,
         }
     return results
@@ -272,6 +285,7 @@ def build_report(args: argparse.Namespace, subjects: Sequence[Subject], per_subj
     return {
         "method": args.method_name,
         "trainable_params": round(np.mean([s["trainable_params"] for s in per_subject.values()])),
+        **_cost(per_subject.values()),
         "aggregate": {key: float(np.mean([s["aggregate"][key] for s in per_subject.values()])) for key in keys},
         "num_subjects": len(subjects),
         "num_live_subjects": sum(subject.is_live for subject in subjects),
@@ -285,6 +299,13 @@ def build_report(args: argparse.Namespace, subjects: Sequence[Subject], per_subj
         "models": settings.describe(),
         "per_subject": per_subject,
     }
+
+
+def _cost(rows) -> dict[str, float | None]:
+    """Mean training seconds per subject and the peak memory of any run (None where a run was not trained here)."""
+    seconds = [row["train_s"] for row in rows if row.get("train_s") is not None]
+    memory = [row["peak_memory_mib"] for row in rows if row.get("peak_memory_mib") is not None]
+    return {"train_s": float(np.mean(seconds)) if seconds else None, "peak_memory_mib": max(memory, default=None)}
 
 
 def report_markdown(report: dict) -> str:
@@ -382,21 +403,28 @@ def run(args: argparse.Namespace) -> dict | None:
     state.destroy_process_group()  # no collectives after this: the main process scores alone
     if not state.is_main_process:
         return None
-    report = build_report(args, subjects, score_subjects(subjects, adapters, jobs, args.out, scorers), settings)
+    per_subject = score_subjects(subjects, adapters, jobs, args.out, scorers)
+    for name, row in per_subject.items():
+        row.update(training_cost(args, name))
+    report = build_report(args, subjects, per_subject, settings)
     write_outputs(report, subjects, args.out, args.contact_columns)
     return report
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="eval/dreambooth_benchmark.py", description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--dataset_dir", type=Path, required=True,
+def build_parser(prog: str = "eval/dreambooth_benchmark.py", description: str | None = None,
+                 defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The benchmark's flags; ``defaults`` (another command's, e.g. the method comparison's) also make the flags
+    they name optional."""
+    defaults = defaults or {}
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--dataset_dir", type=Path, required="dataset_dir" not in defaults,
                         help="DreamBooth-format folder: one folder of photos per subject + prompts_and_classes.txt")
-    parser.add_argument("--adapters_dir", type=Path, required=True,
-                        help=f"<subject>/{ADAPTER_FILE} or <subject>.safetensors per subject")
-    parser.add_argument("--base_model", required=True, help="the base model the adapters were trained on")
+    parser.add_argument("--adapters_dir", type=Path, required="adapters_dir" not in defaults,
+                        help=f"<subject>/ (a trainer's output folder: {ADAPTER_FILE}, pytorch_lora_weights."
+                        "safetensors or oft/) or <subject>.safetensors per subject")
+    parser.add_argument("--base_model", required="base_model" not in defaults,
+                        help="the base model the adapters were trained on")
     parser.add_argument("--out", type=Path, required=True, help="output folder (images/, reports)")
     parser.add_argument("--method_name", default="HRA", help="the report's table row name")
     parser.add_argument("--subjects", nargs="+", help="only these subjects (default: every subject folder present)")
@@ -424,6 +452,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--hra_lambda", type=float, default=0.0, help="orthogonality regularizer weight")
     train.add_argument("--hra_apply_GS", action="store_true",
                        help="strictly orthogonal planes, identity at start (near the paper's lambda=inf: api.md)")
+    train.add_argument("--adapter", default="hra", choices=ADAPTER_KINDS,
+                       help="what to train: HRA, or the LoRA / OFT baselines (docs/evaluate.md)")
+    train.add_argument("--rank", type=int, default=4, help="LoRA rank (--adapter lora)")
+    train.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank)")
+    train.add_argument("--oft_block_size", type=int, default=32, help="OFT block size (--adapter oft)")
     train.add_argument("--train_resolution", type=int, default=512)
     train.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True)
     train.add_argument("--num_class_images", type=int, default=200)
@@ -431,11 +464,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="class images, one folder per class, shared by subjects (default: OUT/class_images)")
     train.add_argument("--train_extra_args", default="", help="more trainer flags, one shell-quoted string")
     add_scorer_arguments(parser)
-    args = parser.parse_args(argv)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("images_per_prompt", "prompts_limit", "steps", "contact_columns"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    return check_args(parser, parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from eval.real_images import main as real_images_main
 from eval.real_images import pair_scores
 from eval.score import ScorerSettings
 from hra_diffusion import HRAConfig, add_hra, hra_parameters, save_hra
+from hra_diffusion.baselines import trained_parameters
 from hra_diffusion.train import write_request
 
 FIXTURES = Path(__file__).parent / "fixtures" / "subjects"
@@ -143,6 +144,7 @@ def test_rerun_does_no_work_twice_and_counts_black_images(bench, single_run, cou
     assert report["num_images"] == 8  # the black image is scored, not dropped
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_work(bench, single_run):
     """A real `accelerate launch` with 2 processes (gloo on CPU): same images as one process, each made once."""
     out = bench.root / "two"
@@ -182,7 +184,7 @@ def test_clear_errors(bench, tmp_path, capsys):
 def test_trainable_parameters_skip_frozen_gs_start(tiny_unet, tmp_path):
     unet = tiny_unet()
     path = make_adapter(unet, tmp_path / "gs.safetensors", HRAConfig(r=3, apply_GS=True))
-    assert benchmark.trainable_parameters(path) == sum(p.numel() for p in hra_parameters(unet) if p.requires_grad)
+    assert trained_parameters(path) == sum(p.numel() for p in hra_parameters(unet) if p.requires_grad)
     assert benchmark.is_black(Image.new("RGB", (8, 8))) and not benchmark.is_black(noise_image(0))
 
 
@@ -206,6 +208,7 @@ def test_trainer_command_uses_the_paper_settings(bench):
     assert parsed.output_dir == str(bench.adapters / "dog") and parsed.instance_data_dir == str(bench.dataset / "dog")
 
 
+@pytest.mark.slow
 @needs_trainer
 def test_train_then_evaluate(bench, tmp_path):
     adapters = tmp_path / "adapters"

@@ -99,6 +99,8 @@ class ControlSettings(TrainSettings):
         super().__post_init__()
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise SettingsError("give one of --train_data_dir and --dataset_name")
+        if self.adapter != "hra":  # the hint encoder's file format holds HRA vectors only (see docs/control.md)
+            raise SettingsError(f"--adapter {self.adapter}: the control trainer trains HRA control adapters only")
         if self.validation_image and not self.validation_prompt:
             raise SettingsError("--validation_image needs --validation_prompt")
 

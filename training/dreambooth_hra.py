@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hra_diffusion import add_hra
+from hra_diffusion.baselines import LORA_WEIGHT_NAME, OFT_FOLDER, adapter_saver, add_adapter
 from hra_diffusion.data import DreamBoothDataset, collate_dreambooth
 from hra_diffusion.diffusion import PromptEncoder, denoising_loss, load_base
 from hra_diffusion.images import require_images, scan_images
@@ -187,14 +187,14 @@ def write_card(settings: DreamBoothSettings, result: TrainResult, n_photos: int,
         samples = f'Samples at step {result.step}, prompt "{prompt}", seed {settings.seed}:\n\n{samples}'
     prior = f'{settings.num_class_images} images of "{settings.class_prompt}", weight {settings.prior_loss_weight}'
     base = settings.pretrained_model_name_or_path
+    what, files, usage, notes = _card_parts(settings, prompt)
     write_model_card(
         out,
         base_model=base,
         front_matter={"instance_prompt": settings.instance_prompt},
         tags=("text-to-image", "dreambooth", *(("stable-diffusion-xl",) if sdxl else ())),
-        title=f'HRA DreamBooth: "{settings.instance_prompt}"',
-        body=f"""HRA (Householder reflection adaptation) weights for `{base}`, trained with DreamBooth on {n_photos}
-photos. The file `{ADAPTER_FILE}` holds r={settings.hra_r} reflection vectors per adapted layer; the base model's
+        title=f'{what} DreamBooth: "{settings.instance_prompt}"',
+        body=f"""{what} weights for `{base}`, trained with DreamBooth on {n_photos} photos: {files}. The base model's
 weights are untouched.
 
 {samples}""",
@@ -203,23 +203,49 @@ weights are untouched.
             "text encoder trained": settings.train_text_encoder,
             "prior preservation": prior if settings.with_prior_preservation else "off",
         },
-        usage=f"""from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
+        usage=usage,
+        notes=notes,
+    )
+
+
+def _card_parts(settings: DreamBoothSettings, prompt: str) -> tuple[str, str, str, str]:
+    """(method, what the files are, a usage snippet, notes) of the model card, per --adapter."""
+    base = settings.pretrained_model_name_or_path
+    if settings.adapter == "lora":
+        usage = f"""from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights(".")  # the folder holding {LORA_WEIGHT_NAME}
+image = pipe("{prompt}").images[0]"""
+        files = f"`{LORA_WEIGHT_NAME}`, a rank-{settings.rank} LoRA in diffusers' keys"
+        return "LoRA", files, usage, "Trained by HRA Studio as a baseline, with the same loop and data as its HRA runs."
+    if settings.adapter == "oft":
+        usage = f"""from diffusers import DiffusionPipeline
+from peft import PeftModel
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.unet = PeftModel.from_pretrained(pipe.unet, "{OFT_FOLDER}/unet")
+image = pipe("{prompt}").images[0]"""
+        files = f"`{OFT_FOLDER}/<component>/`, peft OFT folders (block size {settings.oft_block_size})"
+        return "OFT", files, usage, "Trained by HRA Studio as a baseline, with the same loop and data as its HRA runs."
+    usage = f"""from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
 
 pipe = load_pipeline("{base}")
 attach_adapters(pipe, ["{ADAPTER_FILE}"])
-image = generate(pipe, "{prompt}", seed=0)[0]""",
-        notes="""`attach_adapters(pipe, [path], strengths=[0.5])` applies it at half strength (an exact orthogonal
+image = generate(pipe, "{prompt}", seed=0)[0]"""
+    files = f"`{ADAPTER_FILE}` holds r={settings.hra_r} Householder reflection vectors per adapted layer"
+    notes = """`attach_adapters(pipe, [path], strengths=[0.5])` applies it at half strength (an exact orthogonal
 interpolation). This is not a LoRA file: diffusers' `load_lora_weights` cannot read it; `python -m
-hra_diffusion.convert` exports one that it can.""",
-    )
+hra_diffusion.convert` exports one that it can."""
+    return "HRA", files, usage, notes
 
 
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
-    unet_config = settings.hra_config()
-    text_config = settings.hra_config(TEXT_ENCODER_TARGETS)
+    unet_config = settings.adapter_config()
+    text_config = settings.adapter_config(TEXT_ENCODER_TARGETS)
     photos = require_images(settings.instance_data_dir)  # fail on unusable photos before loading gigabytes of model
     accelerator = make_accelerator(settings)
 
@@ -261,9 +287,9 @@ def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
     torch.manual_seed(settings.seed)  # the adapters' initial vectors depend on the seed alone
     try:
         for name in trainable:
-            add_hra(models[name], configs[name])
+            add_adapter(models[name], configs[name])
     except ValueError as err:
-        raise TrainingError(f"--hra_target_modules: {err}") from err
+        raise TrainingError(f"--hra_target_modules ({settings.adapter}): {err}") from err
 
     def validate(step: int) -> list[Image.Image]:
         return generate(
@@ -301,6 +327,7 @@ def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
         ),
         validate=validate if settings.num_validation_images > 0 else None,
         metadata=metadata,
+        save_adapter=adapter_saver(settings.adapter, type(pipe), settings.pretrained_model_name_or_path),
         finish=lambda result: write_card(settings, result, len(photos), sdxl),
         keep_fp32=("vae",) if sdxl and settings.pretrained_vae_model_name_or_path is None else (),  # fp16 overflows it
     )

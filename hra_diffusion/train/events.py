@@ -56,6 +56,16 @@ class Checkpoint(Event):
 
 
 @dataclass(frozen=True)
+class Resources(Event):
+    """What the run cost, written just before its last event: seconds spent in training steps in this attempt, and
+    the peak memory (CUDA's peak allocation on a GPU, the process's peak resident set on a CPU)."""
+
+    kind: ClassVar[str] = "resources"
+    train_s: float
+    peak_memory_mib: float
+
+
+@dataclass(frozen=True)
 class Done(Event):
     """Training reached its last step; ``adapter`` is the file written."""
 
@@ -79,7 +89,9 @@ class Error(Event):
     message: str
 
 
-EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (Start, Step, Validation, Checkpoint, Done, Stopped, Error)}
+EVENTS: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (Start, Step, Validation, Checkpoint, Resources, Done, Stopped, Error)
+}
 
 
 def parse_event(line: str | bytes) -> Event | None:

@@ -45,6 +45,7 @@ from .runtime import (
     enable_gradient_checkpointing,
     enable_xformers,
     make_optimizer,
+    peak_memory_mib,
     step_seed,
     tracker_value,
     weight_dtype,
@@ -344,6 +345,7 @@ class _Run:
 
     def finish(self, status: str, step: int) -> TrainResult:
         """Check the processes agree, save the adapter (and a checkpoint of the last step), sample, write the card."""
+        self.train_s = time.monotonic() - self.t0  # the steps, with the checkpoints and samples between them
         self.bar.close()
         self._check_ranks_agree()
         adapter = None
@@ -360,6 +362,7 @@ class _Run:
         if self.main:
             if status == "done" and self.spec.finish is not None:
                 self.spec.finish(result)
+            self.progress.emit(events.Resources(train_s=round(self.train_s, 3), peak_memory_mib=peak_memory_mib()))
             end = events.Done if status == "done" else events.Stopped
             self.progress.emit(end(step=step, adapter=str(adapter) if adapter else None))
             logger.info("%s at step %d: %s", status, step, adapter)

@@ -139,6 +139,15 @@ def make_optimizer(settings: TrainSettings, params: list[nn.Parameter], lr: floa
     return cls(params, lr=lr, betas=betas, weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
 
 
+def peak_memory_mib() -> float:
+    """Peak memory so far: CUDA's peak allocation on a GPU, else this process's peak resident set (Linux: KiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def tracker_value(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) else str(value)
 

@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..baselines import ADAPTER_KINDS, BaselineConfig
 from ..cli import HelpFormatter
 from ..config import HRAConfig
 from ..io import atomic_write
@@ -83,6 +84,20 @@ class TrainSettings:
     hra_target_modules: str = option("to_q,to_k,to_v,to_out.0", group="HRA adapter",
                                      help="comma-separated module-name suffixes, or one regex matched in full "
                                      "against module paths")
+
+    adapter: str = option("hra", group="adapter", choices=ADAPTER_KINDS,
+                          help="hra (ours), or a baseline from peft trained by the same loop on the same layers: lora "
+                          "(set up as diffusers' DreamBooth-LoRA script) or oft")
+    rank: int = option(4, group="baselines (--adapter lora / oft)", range=(1, 4096), help="LoRA rank")
+    lora_alpha: int | None = option(None, group="baselines (--adapter lora / oft)", range=(1, 1 << 20),
+                                    help="LoRA alpha (default: the rank, as diffusers' script)")
+    lora_dropout: float = option(0.0, group="baselines (--adapter lora / oft)", range=(0.0, 1.0),
+                                 help="LoRA dropout")
+    oft_block_size: int = option(32, group="baselines (--adapter lora / oft)", range=(1, 1 << 16),
+                                 help="OFT block size (peft's oft_block_size); it must divide every adapted layer")
+    oft_coft: bool = option(False, group="baselines (--adapter lora / oft)", help="constrained OFT (peft's coft)")
+    oft_eps: float = option(6e-5, group="baselines (--adapter lora / oft)", range=(0.0, 1e6),
+                            help="COFT's constraint radius (peft's eps)")
 
     seed: int | None = option(None, group="optimization", range=(0, MAX_SEED),
                               help="seed for full determinism (random and logged if unset)")
@@ -181,6 +196,14 @@ class TrainSettings:
             raise SettingsError("--hra_target_modules is empty")
         return names
 
+    def adapter_config(self, targets: tuple[str, ...] | str | None = None) -> HRAConfig | BaselineConfig:
+        """The adapter --adapter asks for, on --hra_target_modules (or ``targets``: the text encoder's)."""
+        if self.adapter == "hra":
+            return self.hra_config(targets)
+        return BaselineConfig(self.adapter, targets or self.target_modules(), rank=self.rank,
+                              lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                              oft_block_size=self.oft_block_size, oft_coft=self.oft_coft, oft_eps=self.oft_eps)
+
     def hra_config(self, targets: tuple[str, ...] | str | None = None) -> HRAConfig:
         """The adapter the --hra_* flags ask for; ``targets`` replaces --hra_target_modules (the text encoder's)."""
         try:
@@ -194,6 +217,7 @@ class TrainSettings:
         return {
             "base_model": self.pretrained_model_name_or_path,
             **specific,
+            "adapter": self.adapter,
             "resolution": self.resolution,
             "learning_rate": self.learning_rate,
             "lr_scheduler": self.lr_scheduler,

@@ -1,0 +1,214 @@
+"""The baselines HRA is compared with, LoRA and OFT from peft, set up and saved the way their users expect.
+
+LoRA is configured as diffusers' DreamBooth-LoRA script does it (rank, alpha = rank by default, Gaussian init, the
+same target modules as the HRA run) and saved as ``pytorch_lora_weights.safetensors`` in diffusers' keys, which
+``pipe.load_lora_weights(folder)`` reads. OFT uses peft's ``OFTConfig`` (block size, COFT) and is saved as a peft
+folder per adapted model, which ``PeftModel.from_pretrained(model, folder)`` reads. The trainers train them with the
+same loop, data, checkpoints and exact resume as HRA: the loop trains whatever has ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import HRAConfig
+from .io import PEFT_PREFIX, atomic_folder
+from .model import add_hra
+
+ADAPTER_KINDS = ("hra", "lora", "oft")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+OFT_FOLDER = "oft"  # OUTPUT_DIR/oft/<component>/ holds one peft folder per adapted model
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """One baseline adapter: ``kind`` "lora" or "oft", its size, and the layers it adapts (as HRAConfig's)."""
+
+    kind: str
+    target_modules: tuple[str, ...] | str
+    rank: int = 4
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    oft_block_size: int = 32
+    oft_coft: bool = False
+    oft_eps: float = 6e-5
+    exclude_modules: str | None = None
+
+    def peft_config(self):
+        """The peft config; the target names are suffixes, or one regex matched in full (HRA's and peft's rule)."""
+        from peft import LoraConfig, OFTConfig
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        if self.kind == "lora":
+            return LoraConfig(r=self.rank, lora_alpha=self.lora_alpha or self.rank, lora_dropout=self.lora_dropout,
+                              init_lora_weights="gaussian", target_modules=targets,
+                              exclude_modules=self.exclude_modules)
+        if self.kind == "oft":
+            return OFTConfig(oft_block_size=self.oft_block_size, coft=self.oft_coft, eps=self.oft_eps,
+                             target_modules=targets, exclude_modules=self.exclude_modules)
+        raise ValueError(f"unknown baseline {self.kind!r}; choose from {ADAPTER_KINDS[1:]}")
+
+
+def add_baseline(model: nn.Module, config: BaselineConfig) -> None:
+    """Put the baseline adapter on a model (peft's own injection, as diffusers' and transformers' ``add_adapter`` do;
+    called directly, it does not depend on their peft version checks). Identity at the start, like HRA."""
+    from peft import inject_adapter_in_model
+
+    try:
+        inject_adapter_in_model(config.peft_config(), model)
+    except ValueError as err:  # peft: no target module found, a size that does not divide a layer, ...
+        raise ValueError(f"{config.kind}: {err}") from err
+
+
+def peft_state(model: nn.Module) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def save_lora(pipeline_class: type, models: Mapping[str, nn.Module], out_dir: str | os.PathLike) -> Path:
+    """``OUT/pytorch_lora_weights.safetensors`` in diffusers' keys (with the configs, so alpha survives), written
+    to a temp folder and moved in whole."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out = Path(out_dir)
+    layers = {f"{comp}_lora_layers": convert_state_dict_to_diffusers(peft_state(model)) for comp, model in
+              models.items()}
+    metadata = {f"{comp}_lora_adapter_metadata": model.peft_config["default"].to_dict() for comp, model in
+                models.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:
+        pipeline_class.save_lora_weights(tmp, **layers, **metadata, weight_name=LORA_WEIGHT_NAME)
+        os.replace(Path(tmp) / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+    return out / LORA_WEIGHT_NAME
+
+
+def save_oft(models: Mapping[str, nn.Module], out_dir: str | os.PathLike, base_model: str) -> Path:
+    """``OUT/oft/<component>/`` peft folders (adapter_config.json + adapter_model.safetensors), replaced whole."""
+
+    def write(tmp: Path) -> None:
+        for comp, model in models.items():
+            folder = tmp / comp
+            folder.mkdir(parents=True)
+            config = model.peft_config["default"]
+            config.base_model_name_or_path = base_model
+            config_dict = config.to_dict()
+            for key, value in config_dict.items():
+                if isinstance(value, set):  # peft keeps target names as a set; JSON needs a list
+                    config_dict[key] = sorted(value)
+            (folder / "adapter_config.json").write_text(json.dumps(config_dict, indent=1), encoding="utf-8")
+            tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in peft_state(model).items()}
+            save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    out = Path(out_dir)
+    target, staged, old = out / OFT_FOLDER, out / f".{OFT_FOLDER}.new", out / f".{OFT_FOLDER}.old"
+    for leftover in (staged, old):  # from a run killed mid-save
+        shutil.rmtree(leftover, ignore_errors=True)
+    atomic_folder(staged, write)
+    if target.exists():  # a resumed run saves again: swap the folders, never mix two saves
+        os.rename(target, old)
+    os.rename(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def add_adapter(model: nn.Module, config: HRAConfig | BaselineConfig) -> None:
+    """HRA or a baseline on ``model``, whichever ``config`` describes."""
+    if isinstance(config, HRAConfig):
+        add_hra(model, config)
+    else:
+        add_baseline(model, config)
+
+
+def adapter_saver(kind: str, pipeline_class: type, base_model: str) -> Callable | None:
+    """The trainers' ``TrainSpec.save_adapter`` for a baseline ``kind`` (None for HRA: the loop's own file)."""
+    if kind == "lora":
+        return lambda models, path, meta: save_lora(pipeline_class, models, path.parent)
+    if kind == "oft":
+        return lambda models, path, meta: save_oft(models, path.parent, base_model)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trained results, for evaluation: find them in a trainer's output folder, put them on a pipeline, take them off
+
+
+def find_trained(output_dir: str | os.PathLike) -> Path | None:
+    """What a trainer wrote in ``output_dir``: the HRA file, the LoRA file or the OFT folder (None: nothing yet)."""
+    from .train.loop import ADAPTER_FILE
+
+    out = Path(output_dir)
+    return next((path for path in (out / ADAPTER_FILE, out / LORA_WEIGHT_NAME, out / OFT_FOLDER) if path.exists()),
+                None)
+
+
+def trained_kind(path: Path) -> str:
+    """"hra", "lora" or "oft", from what :func:`find_trained` (or a user) names: an HRA file is any other file."""
+    return "lora" if path.name == LORA_WEIGHT_NAME else "oft" if path.is_dir() else "hra"
+
+
+def trained_parameters(path: Path) -> int:
+    """Numbers trained in a saved result (HRA: the vectors, not the frozen start vectors of GS adapters)."""
+    from safetensors import safe_open
+
+    kind = trained_kind(path)
+    files = [path] if kind in ("hra", "lora") else sorted(path.glob("*/adapter_model.safetensors"))
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = [key for key in handle.keys() if kind != "hra" or key.endswith(".hra_u")]
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in keys)
+    return total
+
+
+def attach_trained(pipe, path: Path, name: str) -> None:
+    """Make ``pipe`` draw with one trained result, through each kind's own loader: ours, diffusers'
+    ``load_lora_weights``, peft's config and weight loaders for OFT. Call :func:`detach_trained` first."""
+    kind = trained_kind(path)
+    if kind == "hra":
+        from .pipelines import attach_adapters
+
+        attach_adapters(pipe, [path], names=[name])
+    elif kind == "lora":
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    else:
+        from peft import PeftConfig, inject_adapter_in_model, load_peft_weights, set_peft_model_state_dict
+
+        from .pipelines import pipeline_components
+
+        components = pipeline_components(pipe)
+        for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+            model = components[folder.name]
+            inject_adapter_in_model(PeftConfig.from_pretrained(str(folder)), model)
+            weights = load_peft_weights(str(folder), device=str(model.device))
+            set_peft_model_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()})
+
+
+def detach_trained(pipe) -> None:
+    """Take every adapter of any kind off ``pipe``'s models: the base model again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .model import remove_hra
+    from .pipelines import pipeline_components
+
+    if getattr(pipe, "get_list_adapters", None) and any(pipe.get_list_adapters().values()):
+        pipe.unload_lora_weights()
+    for model in pipeline_components(pipe).values():
+        remove_hra(model)
+        for path, module in list(model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in vars(model):  # set on the instance by the injection (diffusers also has a class default)
+                delattr(model, attr)
