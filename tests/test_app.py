@@ -26,6 +26,8 @@ from app.jobs import REQUEST_FILE  # noqa: E402
 from hra_diffusion.train import read_request  # noqa: E402
 from hra_diffusion.train.loop import SETTINGS_FILE  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real app process and real trainer runs
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "tests" / "fixtures" / "subjects" / "dog").glob("*.jpg"))
 FINAL = ("done", "stopped", "cancelled", "failed", "interrupted")

@@ -14,6 +14,8 @@ from test_app import Server
 
 from hra_diffusion.demo_world import find_demo_world
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

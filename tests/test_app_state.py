@@ -169,6 +169,7 @@ def test_failed_job_keeps_the_trainers_message(tmp_path, fake_trainer):
     assert job.status == FAILED and job.message == "the photos are all black"
 
 
+@pytest.mark.slow
 def test_jobs_survive_an_app_crash_and_resume(tmp_path, fake_trainer):
     """A queue in another process is SIGKILLed mid-job: the next queue stops the orphan, shows the job as
     interrupted, and resuming continues from the checkpoint."""

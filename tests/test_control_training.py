@@ -94,6 +94,7 @@ def test_zero_init_starts_at_the_base_model(tiny_unet):
     assert trainable == {id(p) for p in [*hra_parameters(unet), *encoder.parameters()]}
 
 
+@pytest.mark.slow
 def test_train_load_generate(tiny_sd, tiny_unet, shapes, tmp_path):
     out = tmp_path / "out"
     validation = shapes / "conditioning_images" / "0000.png"
@@ -149,6 +150,7 @@ def test_train_load_generate(tiny_sd, tiny_unet, shapes, tmp_path):
     assert np.abs(images[0] - images[1]).max() > 1e-6 and np.abs(images[0] - plain).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_canny_maps_are_cached_and_resume_is_exact(tiny_sd, photos_only, tmp_path):
     """Without a conditioning column, canny maps are computed from the crops once and reused in the second epoch and
     by the next run; 4 steps straight == resume from the straight run's step-2 checkpoint + 2 steps."""

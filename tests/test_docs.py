@@ -21,8 +21,6 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKER = "<!-- test: run -->"
 BLOCK = re.compile(re.escape(MARKER) + r"\s*\n```(bash|python)\n(.*?)\n```", re.S)
 
-pytestmark = pytest.mark.slow
-
 
 def runnable_blocks(path: Path) -> list[tuple[str, str]]:
     return BLOCK.findall(path.read_text(encoding="utf-8"))
@@ -34,6 +32,7 @@ def test_every_marker_is_followed_by_a_block():
         assert text.count(MARKER) == len(runnable_blocks(path)), f"{path.name}: a marker without a block after it"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc", [p for p in DOCS if runnable_blocks(p)], ids=lambda p: p.name)
 def test_commands_run_as_written(doc, tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -82,6 +82,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_full_run_with_prior_preservation(tiny_sd, tmp_path):
     out, class_dir = tmp_path / "out", tmp_path / "class"
     args = base_args(
@@ -181,6 +182,7 @@ def test_full_run_with_prior_preservation(tiny_sd, tmp_path):
     assert [e["step"] for e in events(out)[len(ev) :] if e["event"] == "step"] == [5]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_sd, tmp_path):
     """2N steps straight == N steps, stop, resume latest, N more: data order, crops/flips, noise and timesteps replay.
     Accumulation 2 over 3 photos makes steps of 2 and 1 micro-batches, so the resume lands mid-epoch."""
@@ -201,6 +203,7 @@ def test_resume_is_exact(tiny_sd, tmp_path):
     assert max_diff(adapter_tensors(straight), half) > 1e-4, "the last N steps changed the adapter"
 
 
+@pytest.mark.slow
 def test_v_prediction_text_encoder_bf16_checkpointing(tiny_sd_v, tmp_path):
     out = tmp_path / "out"
     ok(
@@ -231,6 +234,7 @@ def test_v_prediction_text_encoder_bf16_checkpointing(tiny_sd_v, tmp_path):
     assert all(e["orth"] > 0 for e in steps), "--hra_lambda adds the orthogonality term"
 
 
+@pytest.mark.slow
 def test_sdxl_with_both_text_encoders_bf16(tiny_sdxl, tmp_path):
     out = tmp_path / "out"
     ok(
@@ -279,6 +283,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_end_identical(tiny_sd, tmp_path):
     """accelerate launch --multi_gpu with 2 processes (gloo on a machine without GPUs). Each rank hashes its own
     adapter and the main process prints the gathered digests: they must agree with each other and with the file."""
@@ -330,6 +335,7 @@ def test_two_processes_end_identical(tiny_sd, tmp_path):
     assert proc.stdout.count("trainable parameters:") == 1
 
 
+@pytest.mark.slow
 def test_corrupt_photos_missing_model_and_8bit_adam_fail_clearly(tiny_sd, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -361,6 +367,7 @@ def test_corrupt_photos_missing_model_and_8bit_adam_fail_clearly(tiny_sd, tmp_pa
         assert "--enable_xformers_memory_efficient_attention" in proc.stderr and "pip install xformers" in proc.stderr
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path):
     """An absurd learning rate makes the vectors overflow within a few steps (no test hook: real divergence)."""
     out = tmp_path / "out"
@@ -378,6 +385,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path):
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_and_resumes(tiny_sd, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "training.dreambooth_hra"] + base_args(
@@ -438,6 +446,7 @@ def scheduled_run(tiny_sd, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_no_pickle(scheduled_run):
     assert checkpoint_steps(scheduled_run) == [2, 4]
     for path in scheduled_run.glob("checkpoint-*/*"):
@@ -447,6 +456,7 @@ def test_checkpoints_hold_no_pickle(scheduled_run):
         json.loads(data) if path.suffix == ".json" else load(data)
 
 
+@pytest.mark.slow
 def test_resume_with_lr_schedule_is_bit_exact_without_pickle(scheduled_run, tiny_sd, tmp_path):
     """Steps 3-4 resumed from the 4-step run's checkpoint-2: same lrs, bit-identical adapter and checkpoint-4."""
     split = tmp_path / "split"
@@ -482,6 +492,7 @@ class CreatesFile:
         return open, (str(self.path), "w")
 
 
+@pytest.mark.slow
 def test_checkpoint_with_a_pickle_is_refused_unopened(scheduled_run, tiny_sd, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "code-ran"
     shutil.copytree(scheduled_run / "checkpoint-4", out / "checkpoint-4")
@@ -494,6 +505,7 @@ def test_checkpoint_with_a_pickle_is_refused_unopened(scheduled_run, tiny_sd, tm
     assert [e["event"] for e in events(out)] == ["error"]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_files_fail_clearly(scheduled_run, tiny_sd, tmp_path):
     """A truncated optimizer file (found before the model loads) and a flipped adapter byte (found when resuming)."""
     damages = (

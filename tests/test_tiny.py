@@ -161,6 +161,7 @@ def test_ensure_race_loser_uses_winner(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd"]  # the loser's copy is gone
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "hra_diffusion.testing.tiny", str(out),
