@@ -74,18 +74,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="only these rows of the table")
     parser.add_argument("--quick", action="store_true",
                         help="one subject, 40 steps, 2 prompts x 1 image: a check that every method runs (CI)")
+    parser.add_argument("--learning_rates", nargs="+", default=[], metavar="METHOD=LR",
+                        help="a learning rate per method (e.g. lora=3e-3), picked by the same sweep for every method "
+                        "(docs/evaluate.md); the others use --learning_rate")
     quick = argparse.ArgumentParser(add_help=False)
     quick.add_argument("--quick", action="store_true")
     if quick.parse_known_args(argv)[0].quick:  # its settings are defaults: flags given still win
         parser.set_defaults(**QUICK)
-    return benchmark.check_args(parser, parser.parse_args(argv))
+    args = benchmark.check_args(parser, parser.parse_args(argv))
+    try:
+        rates = dict(item.split("=", 1) for item in args.learning_rates)
+        args.learning_rates = {slug: float(rate) for slug, rate in rates.items()}
+    except ValueError:
+        parser.error(f"--learning_rates takes METHOD=LR pairs, got {' '.join(args.learning_rates)}")
+    unknown = set(args.learning_rates) - {m.slug for m in METHODS}
+    if unknown:
+        parser.error(f"--learning_rates: no method {', '.join(sorted(unknown))}")
+    return args
 
 
 def method_args(args: argparse.Namespace, method: Method) -> argparse.Namespace:
     """The benchmark's arguments for one method: its own folders, shared class images, its settings on top."""
     root = args.out / method.slug
     return argparse.Namespace(**{**vars(args), **method.settings, "out": root, "adapters_dir": root / "adapters",
-                                 "method_name": method.name, "class_dir": args.class_dir or args.out / "class_images"})
+                                 "method_name": method.name, "class_dir": args.class_dir or args.out / "class_images",
+                                 "learning_rate": args.learning_rates.get(method.slug, args.learning_rate)})
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -93,8 +106,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     for method in (m for m in METHODS if m.slug in args.methods):
         print(f"== {method.name}", flush=True)
         t0 = time.monotonic()
-        report = benchmark.run(method_args(args, method))
-        report["wall_s"] = time.monotonic() - t0
+        settings = method_args(args, method)
+        report = benchmark.run(settings)
+        report["wall_s"], report["learning_rate"], report["train_steps"] = (time.monotonic() - t0,
+                                                                            settings.learning_rate,
+                                                                            settings.train_steps)
         reports.append(report)
     write_outputs(args, reports)
     return reports
@@ -106,20 +122,24 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def comparison_markdown(reports: Sequence[dict]) -> str:
     keys = [key for key in METRICS if key in reports[0]["aggregate"]]
-    header = ["method", "trainable params", *keys, "train s / subject", "peak memory (MiB)"]
+    header = ["method", "trainable params", "lr", *keys, "train s / subject", "peak memory (MiB)"]
     rows = []
     for r in reports:
         memory = f"{r['peak_memory_mib']:.0f}" if r.get("peak_memory_mib") else "-"
         seconds = f"{r['train_s']:.0f}" if r.get("train_s") else "-"
-        rows.append([r["method"], benchmark.format_params(r["trainable_params"]),
+        rows.append([r["method"], f"{r['trainable_params']:,}", f"{r['learning_rate']:g}",
                      *(f"{r['aggregate'][k]:.3f}" for k in keys), seconds, memory])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     s = reports[0]["settings"]
-    lines += ["", f"{reports[0]['num_subjects']} subjects, {reports[0]['prompts_per_subject']} prompts x "
+    lines += ["", f"{reports[0]['train_steps']} training steps per subject for every method. "
+              f"{reports[0]['num_subjects']} subjects, {reports[0]['prompts_per_subject']} prompts x "
               f"{reports[0]['images_per_prompt']} images per method; base model {s['base_model']}; {s['scheduler']} "
               f"{s['steps']} steps, guidance {s['guidance']}, seed {s['seed']}.",
               f"Metric networks: {', '.join(f'{k}={v}' for k, v in reports[0]['models'].items())}."]
+    if "lpips" in keys and not reports[0]["models"].get("lpips_pretrained_backbone", True):
+        lines.append("LPIPS used a random VGG backbone (no trained one offline): not the calibrated metric, only a "
+                     "rough structural distance; compare it between rows, never with published LPIPS.")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -87,6 +88,18 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete what :func:`atomic_write` and :func:`atomic_folder` leave in ``folder`` when a process is killed
+    mid-write (hidden ``.NAME.*.tmp`` files, ``.NAME.tmp-*`` folders); for a folder one writer owns, before it writes.
+    Returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(".*"):
+        if re.fullmatch(r"\..+\.tmp(-\w+)?", path.name):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+    return removed
 
 
 def atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:

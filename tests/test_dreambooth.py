@@ -415,7 +415,12 @@ def test_sigterm_stops_cleanly_and_resumes(tiny_sd, tmp_path):
     from hra_diffusion.pipelines import load_pipeline
 
     load_hra(load_pipeline(tiny_sd, device="cpu").unet, out / "hra_adapter.safetensors")
+    # what a kill during the final save leaves (atomic_write's temp file, a checkpoint's temp folder) goes on resume
+    stale = [out / ".hra_adapter.safetensors.x1y2.tmp", out / f".checkpoint-{stopped_at + 1}.tmp"]
+    stale[0].write_bytes(b"half")
+    stale[1].mkdir()
     ok(run_script(base_args(tiny_sd, out, max_train_steps=stopped_at + 1, resume_from_checkpoint="latest")))
+    assert not any(path.exists() for path in stale)
     ev = events(out)
     assert ev[-1] == {"event": "done", "step": stopped_at + 1, "adapter": str(out / "hra_adapter.safetensors")}
     assert [e["step"] for e in ev if e["event"] == "step"][-1] == stopped_at + 1

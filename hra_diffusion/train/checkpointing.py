@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
+from ..io import remove_stale_temps
 from ..model import hra_layers
 from .errors import TrainingError
 from .events import Checkpoint as CheckpointEvent
@@ -149,6 +150,9 @@ class Checkpointer:
     def __init__(self, accelerator, output_dir: Path, limit: int | None, progress: ProgressFile) -> None:
         self.acc, self.output_dir, self.limit, self.progress = accelerator, output_dir, limit, progress
         self.last: Path | None = None
+        if accelerator.is_main_process:  # a run killed mid-save left half-written temp files: never kept
+            for path in remove_stale_temps(output_dir):
+                logger.info("removed %s, left by a run that was stopped while saving", path)
 
     def save(self, step: int, run: RunState) -> Path:
         """Write checkpoint-{step} into a temp folder renamed at the end, so a crash never leaves a "latest" that is
