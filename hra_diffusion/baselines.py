@@ -30,6 +30,15 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 OFT_FOLDER = "oft"  # OUTPUT_DIR/oft/<component>/ holds one peft folder per adapted model
 
 
+def _peft():
+    """peft, which only the baselines need (the ``train`` extra), or an error that says how to get it."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("the LoRA and OFT baselines need peft: pip install 'hra-studio[train]'") from err
+    return peft
+
+
 @dataclass(frozen=True)
 class BaselineConfig:
     """One baseline adapter: ``kind`` "lora" or "oft", its size, and the layers it adapts (as HRAConfig's)."""
@@ -46,15 +55,14 @@ class BaselineConfig:
 
     def peft_config(self):
         """The peft config; the target names are suffixes, or one regex matched in full (HRA's and peft's rule)."""
-        from peft import LoraConfig, OFTConfig
-
+        peft = _peft()
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         if self.kind == "lora":
-            return LoraConfig(r=self.rank, lora_alpha=self.lora_alpha or self.rank, lora_dropout=self.lora_dropout,
+            return peft.LoraConfig(r=self.rank, lora_alpha=self.lora_alpha or self.rank, lora_dropout=self.lora_dropout,
                               init_lora_weights="gaussian", target_modules=targets,
                               exclude_modules=self.exclude_modules)
         if self.kind == "oft":
-            return OFTConfig(oft_block_size=self.oft_block_size, coft=self.oft_coft, eps=self.oft_eps,
+            return peft.OFTConfig(oft_block_size=self.oft_block_size, coft=self.oft_coft, eps=self.oft_eps,
                              target_modules=targets, exclude_modules=self.exclude_modules)
         raise ValueError(f"unknown baseline {self.kind!r}; choose from {ADAPTER_KINDS[1:]}")
 
@@ -62,18 +70,14 @@ class BaselineConfig:
 def add_baseline(model: nn.Module, config: BaselineConfig) -> None:
     """Put the baseline adapter on a model (peft's own injection, as diffusers' and transformers' ``add_adapter`` do;
     called directly, it does not depend on their peft version checks). Identity at the start, like HRA."""
-    from peft import inject_adapter_in_model
-
     try:
-        inject_adapter_in_model(config.peft_config(), model)
+        _peft().inject_adapter_in_model(config.peft_config(), model)
     except ValueError as err:  # peft: no target module found, a size that does not divide a layer, ...
         raise ValueError(f"{config.kind}: {err}") from err
 
 
 def peft_state(model: nn.Module) -> dict:
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
+    return _peft().utils.get_peft_model_state_dict(model)
 
 
 def save_lora(pipeline_class: type, models: Mapping[str, nn.Module], out_dir: str | os.PathLike) -> Path:
@@ -182,31 +186,30 @@ def attach_trained(pipe, path: Path, name: str) -> None:
     elif kind == "lora":
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     else:
-        from peft import PeftConfig, inject_adapter_in_model, load_peft_weights, set_peft_model_state_dict
-
         from .pipelines import pipeline_components
+
+        peft = _peft()
 
         components = pipeline_components(pipe)
         for folder in sorted(p for p in path.iterdir() if p.is_dir()):
             model = components[folder.name]
-            inject_adapter_in_model(PeftConfig.from_pretrained(str(folder)), model)
-            weights = load_peft_weights(str(folder), device=str(model.device))
-            set_peft_model_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()})
+            peft.inject_adapter_in_model(peft.PeftConfig.from_pretrained(str(folder)), model)
+            weights = peft.utils.load_peft_weights(str(folder), device=str(model.device))
+            peft.set_peft_model_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()})
 
 
 def detach_trained(pipe) -> None:
     """Take every adapter of any kind off ``pipe``'s models: the base model again."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     from .model import remove_hra
     from .pipelines import pipeline_components
 
     if getattr(pipe, "get_list_adapters", None) and any(pipe.get_list_adapters().values()):
         pipe.unload_lora_weights()
+    tuner_layer = _peft().tuners.tuners_utils.BaseTunerLayer
     for model in pipeline_components(pipe).values():
         remove_hra(model)
         for path, module in list(model.named_modules()):
-            if isinstance(module, BaseTunerLayer):
+            if isinstance(module, tuner_layer):
                 parent, _, child = path.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
         for attr in ("peft_config", "_hf_peft_config_loaded"):

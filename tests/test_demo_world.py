@@ -54,22 +54,26 @@ def subject():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """DreamBooth-HRA on the subject with exactly the command the app runs with its page defaults."""
+    """DreamBooth-HRA on the subject with exactly the request and command the app runs with its page defaults."""
+    from app.jobs import REQUEST_FILE
     from app.studio import Studio
+    from app.training_service import TRAINER
+    from hra_diffusion.train import write_request
+    from hra_diffusion.train.settings import trainer_argv
 
     data = tmp_path_factory.mktemp("studio")
     studio = Studio(data, warm=False)
     try:
-        settings = studio.defaults()  # the page's defaults: class noun "toy", prior preservation on
+        request = studio.request(studio.defaults())  # the page's defaults: class noun "toy", prior preservation on
         folder = data / "job"
-        (folder / "instance").mkdir(parents=True)
+        (folder / request.instance_data_dir).mkdir(parents=True)
         for photo in sorted((WORLD.subjects / SUBJECT).glob("*.png")):
-            (folder / "instance" / photo.name).write_bytes(photo.read_bytes())
-        argv = studio._trainer_argv(folder, settings)
+            (folder / request.instance_data_dir / photo.name).write_bytes(photo.read_bytes())
+        argv = trainer_argv(TRAINER, write_request(request, folder / REQUEST_FILE))
     finally:
         studio.close()
-    subprocess.run([*argv, "--report_to", "none"], cwd=REPO, check=True, timeout=600)
-    return folder / "out" / "hra_adapter.safetensors"
+    subprocess.run([*argv, "--report_to", "none"], cwd=folder, check=True, timeout=600)  # as the job queue runs it
+    return folder / request.output_dir / "hra_adapter.safetensors"
 
 
 def test_base_model_draws_what_the_prompt_says(world):
