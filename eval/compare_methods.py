@@ -63,9 +63,13 @@ QUICK = {"subjects": ["star_toy"], "train_steps": 40, "prompts_limit": 2, "image
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--base_model")
+    first.add_argument("--quick", action="store_true")
+    given = first.parse_known_args(argv)[0]
     world = find_demo_world()
     defaults: dict[str, Any] = {"adapters_dir": None, "train": True}
-    if world is not None:
+    if world is not None and given.base_model is None:  # the demo world's protocol; real weights take the paper's
         defaults |= {"dataset_dir": world.subjects, "base_model": str(world.base), "dino_model": str(world.dino),
                      "clip_model": str(world.clip), **DEMO_DEFAULTS}
     parser = benchmark.build_parser(prog="python -m eval.compare_methods", description=__doc__.split("\n\n")[0],
@@ -77,9 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rates", nargs="+", default=[], metavar="METHOD=LR",
                         help="a learning rate per method (e.g. lora=3e-3), picked by the same sweep for every method "
                         "(docs/evaluate.md); the others use --learning_rate")
-    quick = argparse.ArgumentParser(add_help=False)
-    quick.add_argument("--quick", action="store_true")
-    if quick.parse_known_args(argv)[0].quick:  # its settings are defaults: flags given still win
+    if given.quick:  # its settings are defaults: flags given still win
         parser.set_defaults(**QUICK)
     args = benchmark.check_args(parser, parser.parse_args(argv))
     try:
