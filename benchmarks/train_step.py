@@ -1,4 +1,4 @@
-"""Steps/s and peak memory of the REAL training loop (hra_diffusion.training.train) on the SD1.5 UNet: HRA vs LoRA.
+"""Steps/s and peak memory of the REAL training loop (hra_diffusion.train.train) on the SD1.5 UNet: HRA vs LoRA.
 
 Why through the loop and not a bare forward/backward (that is unet_step.py): what a user pays per step also includes
 the optimizer update, gradient clipping, the NaN guard, the per-step reseeding and all-reduce, logging and the
