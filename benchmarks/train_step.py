@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hra_diffusion.cli import HelpFormatter  # noqa: E402
+from hra_diffusion.io import atomic_write  # noqa: E402
 from hra_diffusion.testing.tiny import SD15_UNET_CONFIG  # noqa: E402
 
 MODES = ("hra", "lora")
@@ -95,9 +95,7 @@ class Turns:
         return self.path.read_text()
 
     def _write(self, text: str) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.{self.me}")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)  # atomic: the other process never reads a half-written name
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))  # never read half written by the other
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -108,7 +106,6 @@ def worker(args: argparse.Namespace) -> dict:
 
     from hra_diffusion import HRAConfig, add_hra
     from hra_diffusion.diffusion import noisy_latents
-    from hra_diffusion.io import atomic_write
     from hra_diffusion.train import TrainSettings, TrainSpec, train
     from hra_diffusion.train.checkpointing import trainable_state
     from hra_diffusion.train.events import ProgressFile

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import HRAConfig
-from .io import PEFT_PREFIX, atomic_folder
+from .io import PEFT_PREFIX, atomic_folder, atomic_write
 from .model import add_hra
 
 ADAPTER_KINDS = ("hra", "lora", "oft")
@@ -82,23 +80,23 @@ def peft_state(model: nn.Module) -> dict:
 
 def save_lora(pipeline_class: type, models: Mapping[str, nn.Module], out_dir: str | os.PathLike) -> Path:
     """``OUT/pytorch_lora_weights.safetensors`` in diffusers' keys (with the configs, so alpha survives), written
-    to a temp folder and moved in whole."""
+    atomically by diffusers' own writer into the temp file."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    out = Path(out_dir)
     layers = {f"{comp}_lora_layers": convert_state_dict_to_diffusers(peft_state(model)) for comp, model in
               models.items()}
     metadata = {f"{comp}_lora_adapter_metadata": model.peft_config["default"].to_dict() for comp, model in
                 models.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:
-        pipeline_class.save_lora_weights(tmp, **layers, **metadata, weight_name=LORA_WEIGHT_NAME)
-        os.replace(Path(tmp) / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-    return out / LORA_WEIGHT_NAME
+
+    def write(tmp: str) -> None:
+        pipeline_class.save_lora_weights(Path(tmp).parent, **layers, **metadata, weight_name=Path(tmp).name)
+
+    return atomic_write(Path(out_dir) / LORA_WEIGHT_NAME, write)
 
 
 def save_oft(models: Mapping[str, nn.Module], out_dir: str | os.PathLike, base_model: str) -> Path:
-    """``OUT/oft/<component>/`` peft folders (adapter_config.json + adapter_model.safetensors), replaced whole."""
+    """``OUT/oft/<component>/`` peft folders (adapter_config.json + adapter_model.safetensors); a resumed run's save
+    replaces the folder whole."""
 
     def write(tmp: Path) -> None:
         for comp, model in models.items():
@@ -114,17 +112,7 @@ def save_oft(models: Mapping[str, nn.Module], out_dir: str | os.PathLike, base_m
             tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in peft_state(model).items()}
             save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
-    out = Path(out_dir)
-    target, staged, old = out / OFT_FOLDER, out / f".{OFT_FOLDER}.new", out / f".{OFT_FOLDER}.old"
-    for leftover in (staged, old):  # from a run killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
-    atomic_folder(staged, write)
-    if target.exists():  # a resumed run saves again: swap the folders, never mix two saves
-        os.rename(target, old)
-    os.rename(staged, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
+    return atomic_folder(Path(out_dir) / OFT_FOLDER, write, replace=True)
 
 def add_adapter(model: nn.Module, config: HRAConfig | BaselineConfig) -> None:
     """HRA or a baseline on ``model``, whichever ``config`` describes."""

@@ -63,8 +63,8 @@ def write_checkpoint(
 ) -> None:
     """Create ``folder`` with one safetensors file per ``tensors`` entry and one JSON file per ``documents`` entry,
     then the manifest (format version, ``state``, each file's size and sha256) last: a folder with a manifest is
-    whole. Make ``folder`` a temporary one and rename it, so readers never see it half written."""
-    folder.mkdir(parents=True)
+    whole. Write it through ``io.atomic_folder``, so readers never see it half written."""
+    folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, group in tensors.items():
         cpu = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in group.items()}

@@ -102,23 +102,30 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> Path:
     """Fill a temp folder beside ``out_dir`` with ``write(tmp)``, then rename it into place: readers never see half
-    a folder. An existing non-empty ``out_dir`` is refused rather than deleted: it may be anything the user owns.
-    The folder gets the mode mkdir would give it (mkdtemp makes 0700)."""
+    a folder. An existing non-empty ``out_dir`` is refused rather than deleted (it may be anything the user owns),
+    unless ``replace``: for a folder its writer owns (a checkpoint saved again, a resumed run's result), which is
+    then swapped out whole. The folder gets the mode mkdir would give it (mkdtemp makes 0700)."""
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+    full = out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir()))
+    if full and not replace:
         raise FileExistsError(f"{out_dir} already exists; choose a new folder (or delete it first)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = out_dir.with_name(f".{out_dir.name}.tmp-old")  # a name remove_stale_temps clears after a kill
     try:
         write(tmp)
         tmp.chmod(folder_mode())
-        if out_dir.is_dir():
+        if full:
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+        elif out_dir.is_dir():
             out_dir.rmdir()
         os.rename(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

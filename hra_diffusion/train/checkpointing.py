@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
-from ..io import remove_stale_temps
+from ..io import atomic_folder, remove_stale_temps
 from ..model import hra_layers
 from .errors import TrainingError
 from .events import Checkpoint as CheckpointEvent
@@ -155,35 +154,28 @@ class Checkpointer:
                 logger.info("removed %s, left by a run that was stopped while saving", path)
 
     def save(self, step: int, run: RunState) -> Path:
-        """Write checkpoint-{step} into a temp folder renamed at the end, so a crash never leaves a "latest" that is
-        half written; then drop the oldest beyond the limit. Every process hands its RNG state to the main process,
-        the only one that writes."""
-        final, tmp = self.output_dir / f"checkpoint-{step}", self.output_dir / f".checkpoint-{step}.tmp"
+        """Write checkpoint-{step} through a temp folder renamed at the end (io.atomic_folder), so a crash never
+        leaves a "latest" that is half written; then drop the oldest beyond the limit. Every process hands its RNG
+        state to the main process, the only one that writes."""
+        final = self.output_dir / f"checkpoint-{step}"
         rng_states = gather_object([ckpt.rng_state()])
         if self.acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
             optimizer_tensors, optimizer_state = ckpt.optimizer_state(run.optimizer, run.params)
             if self.acc.scaler is not None:
                 optimizer_state["grad_scaler"] = ckpt.plain_state(self.acc.scaler)
             rng_tensors, rng_state = ckpt.rng_files(rng_states)
-            ckpt.write_checkpoint(
-                tmp,
-                {"step": step, **run.manifest},
-                tensors={
-                    ckpt.WEIGHTS: components_state(run.trainable),
-                    ckpt.OPTIMIZER_TENSORS: optimizer_tensors,
-                    ckpt.RNG_TENSORS: rng_tensors,
-                },
-                documents={
-                    ckpt.OPTIMIZER_STATE: optimizer_state,
-                    ckpt.SCHEDULER_STATE: ckpt.plain_state(run.lr_scheduler),
-                    ckpt.RNG_STATE: rng_state,
-                },
-            )
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            tensors = {
+                ckpt.WEIGHTS: components_state(run.trainable),
+                ckpt.OPTIMIZER_TENSORS: optimizer_tensors,
+                ckpt.RNG_TENSORS: rng_tensors,
+            }
+            documents = {
+                ckpt.OPTIMIZER_STATE: optimizer_state,
+                ckpt.SCHEDULER_STATE: ckpt.plain_state(run.lr_scheduler),
+                ckpt.RNG_STATE: rng_state,
+            }
+            state = {"step": step, **run.manifest}
+            atomic_folder(final, lambda tmp: ckpt.write_checkpoint(tmp, state, tensors, documents), replace=True)
             if self.limit:
                 for _, old in find_checkpoints(self.output_dir)[: -self.limit]:
                     shutil.rmtree(old, ignore_errors=True)
