@@ -16,6 +16,8 @@ from typing import ClassVar
 
 @dataclass(frozen=True)
 class Event:
+    """One line of the progress file: ``{"event": kind, **fields}``."""
+
     kind: ClassVar[str]
 
     def to_json(self) -> str:
@@ -24,6 +26,8 @@ class Event:
 
 @dataclass(frozen=True)
 class Start(Event):
+    """Training begins (or resumes): the step count it runs to and how many values it trains."""
+
     kind: ClassVar[str] = "start"
     max_steps: int
     trainable_params: int
@@ -31,6 +35,8 @@ class Start(Event):
 
 @dataclass(frozen=True)
 class Step(Event):
+    """One optimizer step done: its mean loss and orthogonality term, the rate it used, time so far and left."""
+
     kind: ClassVar[str] = "step"
     step: int
     max_steps: int
@@ -43,6 +49,8 @@ class Step(Event):
 
 @dataclass(frozen=True)
 class Validation(Event):
+    """Sample images written at a step (absolute paths)."""
+
     kind: ClassVar[str] = "validation"
     step: int
     images: list[str] = field(default_factory=list)
@@ -50,6 +58,8 @@ class Validation(Event):
 
 @dataclass(frozen=True)
 class Checkpoint(Event):
+    """A whole checkpoint folder exists at ``path``."""
+
     kind: ClassVar[str] = "checkpoint"
     step: int
     path: str
@@ -85,6 +95,8 @@ class Stopped(Event):
 
 @dataclass(frozen=True)
 class Error(Event):
+    """The run stopped on an error; ``message`` is what the user is told."""
+
     kind: ClassVar[str] = "error"
     message: str
 
