@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 import eval.dreambooth_benchmark as benchmark
-from eval.images import load_images
 from eval.score import METRICS, write_json_atomic
 from hra_diffusion.demo_world import UNIQUE_TOKEN, find_demo_world
 from hra_diffusion.io import atomic_write
@@ -178,14 +177,7 @@ def contact_sheet(args: argparse.Namespace, reports: Sequence[dict], cell: int =
         out = args.out / method.slug
         rows.append((method.name, [subject.image_paths[0],
                                    *(benchmark.Job(subject.name, p, 0).path(out) for p in prompts)]))
-    sheet = Image.new("RGB", ((len(prompts) + 1) * cell, len(rows) * cell), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (name, paths) in enumerate(rows):
-        for col, image in enumerate(load_images(paths)):
-            sheet.paste(ImageOps.fit(image, (cell, cell)), (col * cell, row * cell))
-        draw.rectangle(draw.textbbox((2, row * cell + 2), name), fill="black")
-        draw.text((2, row * cell + 2), name, fill="white")
-    return sheet
+    return benchmark.labelled_rows(rows, cell)
 
 
 def write_outputs(args: argparse.Namespace, reports: Sequence[dict]) -> None:

@@ -262,14 +262,19 @@ def contact_sheet(subjects: Sequence[Subject], out_dir: Path, columns: int, cell
     for subject in subjects:
         last = len(subject.prompts) - 1
         picks = sorted({round(i * last / max(columns - 1, 1)) for i in range(columns)})
-        rows.append((subject, [subject.image_paths[0], *(Job(subject.name, p, 0).path(out_dir) for p in picks)]))
+        rows.append((subject.name, [subject.image_paths[0], *(Job(subject.name, p, 0).path(out_dir) for p in picks)]))
+    return labelled_rows(rows, cell)
+
+
+def labelled_rows(rows: Sequence[tuple[str, Sequence[Path]]], cell: int) -> Image.Image:
+    """A sheet of square cells, one row per (label, image paths), the label written over the row's first image."""
     sheet = Image.new("RGB", (max(len(paths) for _, paths in rows) * cell, len(rows) * cell), "white")
     draw = ImageDraw.Draw(sheet)
-    for row, (subject, paths) in enumerate(rows):
+    for row, (label, paths) in enumerate(rows):
         for col, image in enumerate(load_images(paths)):
             sheet.paste(ImageOps.fit(image, (cell, cell)), (col * cell, row * cell))
-        draw.rectangle(draw.textbbox((4, row * cell + 4), subject.name), fill="black")
-        draw.text((4, row * cell + 4), subject.name, fill="white")
+        draw.rectangle(draw.textbbox((4, row * cell + 4), label), fill="black")
+        draw.text((4, row * cell + 4), label, fill="white")
     return sheet
 
 

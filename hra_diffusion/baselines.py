@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import HRAConfig
-from .io import PEFT_PREFIX, atomic_folder, atomic_write
+from .io import ADAPTER_FILE, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, atomic_folder, atomic_write
 from .model import add_hra
 
 ADAPTER_KINDS = ("hra", "lora", "oft")
@@ -61,7 +61,7 @@ class BaselineConfig:
                               exclude_modules=self.exclude_modules)
         if self.kind == "oft":
             return peft.OFTConfig(oft_block_size=self.oft_block_size, coft=self.oft_coft, eps=self.oft_eps,
-                             target_modules=targets, exclude_modules=self.exclude_modules)
+                                  target_modules=targets, exclude_modules=self.exclude_modules)
         raise ValueError(f"unknown baseline {self.kind!r}; choose from {ADAPTER_KINDS[1:]}")
 
 
@@ -102,17 +102,16 @@ def save_oft(models: Mapping[str, nn.Module], out_dir: str | os.PathLike, base_m
         for comp, model in models.items():
             folder = tmp / comp
             folder.mkdir(parents=True)
-            config = model.peft_config["default"]
-            config.base_model_name_or_path = base_model
-            config_dict = config.to_dict()
-            for key, value in config_dict.items():
+            config = {**model.peft_config["default"].to_dict(), "base_model_name_or_path": base_model}
+            for key, value in config.items():
                 if isinstance(value, set):  # peft keeps target names as a set; JSON needs a list
-                    config_dict[key] = sorted(value)
-            (folder / "adapter_config.json").write_text(json.dumps(config_dict, indent=1), encoding="utf-8")
+                    config[key] = sorted(value)
+            (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=1), encoding="utf-8")
             tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in peft_state(model).items()}
-            save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+            save_file(tensors, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
 
     return atomic_folder(Path(out_dir) / OFT_FOLDER, write, replace=True)
+
 
 def add_adapter(model: nn.Module, config: HRAConfig | BaselineConfig) -> None:
     """HRA or a baseline on ``model``, whichever ``config`` describes."""
@@ -137,8 +136,6 @@ def adapter_saver(kind: str, pipeline_class: type, base_model: str) -> Callable 
 
 def find_trained(output_dir: str | os.PathLike) -> Path | None:
     """What a trainer wrote in ``output_dir``: the HRA file, the LoRA file or the OFT folder (None: nothing yet)."""
-    from .train.loop import ADAPTER_FILE
-
     out = Path(output_dir)
     return next((path for path in (out / ADAPTER_FILE, out / LORA_WEIGHT_NAME, out / OFT_FOLDER) if path.exists()),
                 None)
@@ -154,7 +151,7 @@ def trained_parameters(path: Path) -> int:
     from safetensors import safe_open
 
     kind = trained_kind(path)
-    files = [path] if kind in ("hra", "lora") else sorted(path.glob("*/adapter_model.safetensors"))
+    files = [path] if kind in ("hra", "lora") else sorted(path.glob(f"*/{PEFT_WEIGHTS}"))
     total = 0
     for file in files:
         with safe_open(str(file), framework="pt") as handle:

@@ -38,6 +38,7 @@ from .model import (
 FORMAT = "hra-studio/1"
 RESERVED = ("format", "adapters", "fingerprint")
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_FILE = "hra_adapter.safetensors"  # what a training run leaves in its output folder
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module path
 
 

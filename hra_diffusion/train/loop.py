@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..hub import create_hub_repo, push_run
-from ..io import atomic_write, save_hra
+from ..io import ADAPTER_FILE, atomic_write, save_hra
 from ..model import orthogonality_loss
 from . import events
 from .checkpointing import Checkpointer, RunState, components_state, state_digest
@@ -54,7 +54,6 @@ from .settings import DEFAULT_STEPS, SECRET_FIELDS, TrainSettings, write_request
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILE = "hra_adapter.safetensors"
 SETTINGS_FILE = "training_settings.json"  # a request: `--config` it to train again with the same settings
 
 
