@@ -59,18 +59,18 @@ def export_peft(
 ) -> Path:
     """Write adapter ``adapter_name`` of one model as a peft HRA folder (load: ``PeftModel.from_pretrained``).
 
-    Strictly orthogonal (apply_GS) adapters are refused: ours is (I - 2QQ^T)(I - 2Q0Q0^T) with frozen Q0, identity at
-    the start, while peft's apply_GS is the single reflection I - 2QQ^T, so no peft file can hold it. A strength
-    other than 1 is refused too (peft has none). ``export_lora`` reaches peft-free LoRA loaders in both cases.
+    The paper's strictly orthogonal form (gs_form="paper", I - 2QQ^T) is exactly peft's apply_GS and is written as
+    such. The identity_start form (I - 2QQ^T)(I - 2Q0Q0^T) with frozen Q0 is refused: no peft operator equals it. A
+    strength other than 1 is refused too (peft has none). ``export_lora`` reaches peft-free LoRA loaders in both cases.
     """
     _require(model, adapter_name)
     config = hra_adapters(model)[adapter_name]
-    if config.apply_GS:
+    if config.has_initial_planes:
         raise ValueError(
-            f"adapter {adapter_name!r} is strictly orthogonal (apply_GS): here H = (I - 2QQ^T)(I - 2Q0Q0^T) with "
-            "frozen initial vectors Q0, which starts at the identity; peft's apply_GS computes I - 2QQ^T, a different "
-            "operator that is never the identity, so a peft file would silently change the model. Use export_lora "
-            "(exact, rank 2r) or export_merged instead."
+            f"adapter {adapter_name!r} is strictly orthogonal in the identity_start form: here H = (I - 2QQ^T)"
+            "(I - 2Q0Q0^T) with frozen initial vectors Q0, which starts at the identity; peft's apply_GS computes "
+            "I - 2QQ^T (our gs_form='paper'), a different operator that is never the identity, so a peft file would "
+            "silently change the model. Use export_lora (exact, rank up to 2r) or export_merged instead."
         )
     if _strength(model, adapter_name) != 1.0:
         raise ValueError(
@@ -82,10 +82,10 @@ def export_peft(
     adapter_config = {
         "peft_type": "HRA",
         "r": config.r,
-        "apply_GS": False,
+        "apply_GS": config.apply_GS,
         "target_modules": [key.removesuffix(".hra_u") for key in state],
         "exclude_modules": None,
-        "init_weights": True,
+        "init_weights": config.init == "identity",  # how peft would start it; the stored vectors replace that
         "layers_to_transform": None,
         "layers_pattern": None,
         "bias": "none",

@@ -5,10 +5,12 @@ A d x d matrix is never built: applying H to activations costs O(N d k), merging
 
 - plain HRA: ``H = H_1 ... H_r`` with ``H_i = I - 2 u_i u_i^T / |u_i|^2``. With V the column-normalized U this is
   the WY form, S = T upper triangular with ``T^{-1} = striu(V^T V) + I/2`` (k = r).
-- strictly orthogonal HRA (``apply_GS``): the paper's ``I - 2 Q Q^T`` with Q an orthonormal basis of span(U) is a
-  reflection of an r-dim subspace and never the identity, so we compose it with the frozen reflection of the
-  initial vectors, which is its own inverse: ``H = (I - 2 Q Q^T)(I - 2 Q0 Q0^T)``. It is exactly I at the start,
-  exactly orthogonal always, and in compact form with V = [Q, Q0], S = [[2I, -4 Q^T Q0], [0, 2I]] (k = 2r).
+- strictly orthogonal HRA (``apply_GS``), Q an orthonormal basis of span(U) (Gram-Schmidt, done by QR), two forms:
+  - "paper": the paper's (and peft's) ``H = I - 2 Q Q^T``, V = Q, S = 2I (k = r). A reflection of an r-dim
+    subspace, so never the identity.
+  - "identity_start" (our default): that reflection composed with the frozen reflection of the initial vectors,
+    which is its own inverse: ``H = (I - 2 Q Q^T)(I - 2 Q0 Q0^T)``. It is exactly I at the start, exactly
+    orthogonal always, and in compact form with V = [Q, Q0], S = [[2I, -4 Q^T Q0], [0, 2I]] (k = 2r).
 
 Conventions: linear layers compute ``y = x W^T`` with row-vector activations x (..., d_in); HRA replaces W by W H.
 """
@@ -68,25 +70,31 @@ def orthonormal_basis(u: Tensor) -> Tensor:
     return torch.linalg.qr(u, mode="reduced")[0]
 
 
-def hra_factors(u: Tensor, u0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def hra_factors(u: Tensor, u0: Tensor | None = None, *, gram_schmidt: bool = False) -> tuple[Tensor, Tensor]:
     """(V, S) with H = I - V S V^T, computed in float32 (or float64) whatever the model's dtype.
 
-    ``u0`` given selects the strictly orthogonal variant (frozen initial vectors), see the module docstring.
+    Plain HRA by default; ``gram_schmidt`` alone selects the paper's strictly orthogonal I - 2QQ^T, and ``u0`` (the
+    frozen initial vectors, implying ``gram_schmidt``) the identity_start form, see the module docstring.
     Leading dimensions are a batch: (..., d, r) -> (..., d, k), (..., k, k).
     """
     if u.dtype not in (torch.float32, torch.float64):
         u = u.float()
-    if u0 is None:
+    if u0 is None and not gram_schmidt:
         return _PlainFactors.apply(u)
-    q, q0 = orthonormal_basis(u), orthonormal_basis(u0.to(u.dtype))
+    q = orthonormal_basis(u)
     r = q.shape[-1]
     eye = torch.eye(r, dtype=u.dtype, device=u.device).expand(*q.shape[:-2], r, r)
+    if u0 is None:
+        return q, 2 * eye
+    q0 = orthonormal_basis(u0.to(u.dtype))
     top = torch.cat([2 * eye, -4 * (q.mT @ q0)], dim=-1)
     bottom = torch.cat([torch.zeros_like(eye), 2 * eye], dim=-1)
     return torch.cat([q, q0], dim=-1), torch.cat([top, bottom], dim=-2)
 
 
-def hra_factors_batch(us: list[Tensor], u0s: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+def hra_factors_batch(
+    us: list[Tensor], u0s: list[Tensor] | None = None, *, gram_schmidt: bool = False
+) -> list[tuple[Tensor, Tensor]]:
     """hra_factors for many adapters of one shape and kind, in one batched computation instead of one per layer.
 
     A UNet step pays the per-layer factor cost hundreds of times (560 layers on SDXL: 4% of a CPU step, measured);
@@ -94,7 +102,7 @@ def hra_factors_batch(us: list[Tensor], u0s: list[Tensor] | None = None) -> list
     activation-side products want (see _ApplyTranspose), so they need no copy. Slices come from ``unbind``: an
     indexed slice's backward would fill a zero tensor of the whole batch, for each slice (quadratic).
     """
-    v, s = hra_factors(torch.stack(us), None if u0s is None else torch.stack(u0s))
+    v, s = hra_factors(torch.stack(us), None if u0s is None else torch.stack(u0s), gram_schmidt=gram_schmidt)
     return [(vt.T, si) for vt, si in zip(v.mT.contiguous().unbind(), s.unbind())]
 
 
@@ -250,9 +258,9 @@ def fractional_factors(v: Tensor, s: Tensor, strength: float | Tensor) -> tuple[
     basis of span(V) and K = Q^T H Q, a k x k rotation: only k x k work. A rotation splits into planes turned by
     angles theta: the symmetric part (K + K^T)/2 has eigenvalues cos(theta) on them, and on each plane the skew part
     is sin(theta) J, so K^a = cos(a theta) + sin(a theta) J there. Half turns (theta = pi, skew part 0) get a
-    direction of our choosing, pair by pair. det H = -1 (plain HRA with odd r) leaves one unpaired -1: then no real
-    orthogonal H^a exists, and we say so. Leading dimensions of V and S are a batch, ``strength`` a number or one
-    per item.
+    direction of our choosing, pair by pair (the paper's GS form I - 2QQ^T is all half turns: its H^a is one of many).
+    det H = -1 (odd r, plain or the paper's GS form) leaves one unpaired -1: then no real orthogonal H^a exists, and
+    we say so. Leading dimensions of V and S are a batch, ``strength`` a number or one per item.
     """
     if not isinstance(strength, Tensor) and strength == 1.0:
         return v, s
@@ -268,8 +276,9 @@ def fractional_factors(v: Tensor, s: Tensor, strength: float | Tensor) -> tuple[
     half = (cos_t < 0) & (sin_t < 1e-7)
     if (half.sum(dim=-1) % 2).any():
         raise ValueError(
-            "this adapter is a reflection (det H = -1: plain HRA with odd r), so no real orthogonal fractional "
-            "power exists; use strength 0 or 1, or train with an even r or apply_GS=True"
+            "this adapter is a reflection (det H = -1: plain HRA, or the paper's strictly orthogonal form, with odd "
+            "r), so no real orthogonal fractional power exists; use strength 0 or 1, or train with an even r or the "
+            "identity_start strictly orthogonal form"
         )
     ratio = torch.sin(a * theta) / sin_t.clamp_min(1e-12)  # sin(a theta) / sin(theta), -> a as theta -> 0
     scale = torch.where(sin_t > 1e-12, ratio, a.expand_as(theta))
@@ -289,10 +298,11 @@ def fractional_factors(v: Tensor, s: Tensor, strength: float | Tensor) -> tuple[
 
 
 def fractional_factors_batch(
-    us: list[Tensor], strengths: list[float], u0s: list[Tensor] | None = None
+    us: list[Tensor], strengths: list[float], u0s: list[Tensor] | None = None, *, gram_schmidt: bool = False
 ) -> list[tuple[Tensor, Tensor]]:
     """float32 factors of H^strength for many adapters of one shape and kind (no graph: for sampling), computed in
     float64 like the per-layer path, in one batch."""
-    v, s = hra_factors(torch.stack(us).double(), None if u0s is None else torch.stack(u0s).double())
+    u0 = None if u0s is None else torch.stack(u0s).double()
+    v, s = hra_factors(torch.stack(us).double(), u0, gram_schmidt=gram_schmidt)
     v, s = fractional_factors(v, s, torch.tensor(strengths, dtype=torch.float64, device=v.device))
     return [(vi.float(), si.float()) for vi, si in zip(v.unbind(), s.unbind())]

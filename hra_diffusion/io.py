@@ -448,7 +448,7 @@ def _check_part(
             f"{where}: its config says r={config.r}, but layer {narrowest} has only {layers[narrowest][1]} inputs and "
             "r can be at most that; the config was damaged or edited. Export the adapter again."
         )
-    leaves = ("hra_u", "hra_u0") if config.apply_GS else ("hra_u",)
+    leaves = ("hra_u", "hra_u0") if config.has_initial_planes else ("hra_u",)
     shapes = {f"{p}.{leaf}": (shape[1], config.r) for p, shape in layers.items() for leaf in leaves}
     missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     if missing or unexpected:

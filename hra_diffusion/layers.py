@@ -31,7 +31,7 @@ class HRALayer(nn.Module):
             raise TypeError(f"HRA adapts nn.Linear and nn.Conv2d layers, not {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.hra_u = nn.ParameterDict()
-        self.hra_u0 = nn.ParameterDict()  # frozen initial vectors of strictly orthogonal (apply_GS) adapters
+        self.hra_u0 = nn.ParameterDict()  # frozen initial vectors of identity_start strictly orthogonal adapters
         self.configs: dict[str, HRAConfig] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
@@ -62,7 +62,7 @@ class HRALayer(nn.Module):
             want = (self.d_in, config.r)
             raise ValueError(f"adapter {name!r}: vectors of shape {tuple(u.shape)}, this layer needs {want}")
         self.hra_u[name] = nn.Parameter(u.detach().to(device=device, dtype=torch.float32).clone())
-        if config.apply_GS:
+        if config.has_initial_planes:
             start = self.hra_u[name].detach() if u0 is None else u0
             self.hra_u0[name] = nn.Parameter(start.to(device=device, dtype=torch.float32).clone(), requires_grad=False)
         self.configs[name] = config
@@ -85,15 +85,16 @@ class HRALayer(nn.Module):
         Fractional strengths start from float64 factors: near a half turn H^s amplifies rounding in its input by
         about 1/sin(angle), and from float32 factors H^0.5 H^0.5 missed H by up to 1e-3 (strongly moved vectors).
         """
-        u, u0 = self.hra_u[name], self.hra_u0[name] if name in self.hra_u0 else None
+        u, u0, gs = self.hra_u[name], self.hra_u0[name] if name in self.hra_u0 else None, self.configs[name].apply_GS
         state, graph, factors = self.call_factors.get(name, (None, False, None))
         current = (u._version, u.data_ptr(), self.strength[name])
         if state == current and (graph or not (torch.is_grad_enabled() and u.requires_grad)):
             return factors
         strength = self.strength[name]
         if strength == 1.0:
-            return hh.hra_factors(u, u0)
-        v, s = hh.fractional_factors(*hh.hra_factors(u.double(), None if u0 is None else u0.double()), strength)
+            return hh.hra_factors(u, u0, gram_schmidt=gs)
+        u0 = None if u0 is None else u0.double()
+        v, s = hh.fractional_factors(*hh.hra_factors(u.double(), u0, gram_schmidt=gs), strength)
         return v.float(), s.float()
 
     def weight2d(self) -> Tensor:

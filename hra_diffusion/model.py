@@ -112,15 +112,17 @@ def _prepare_call_factors(model: nn.Module, args: tuple) -> None:
             graph = torch.is_grad_enabled() and u.requires_grad
             if strength != 1.0 and graph:  # training at a fractional strength: per layer, as it is rare
                 continue
-            key = (tuple(u.shape), u.device, u.dtype, graph, strength != 1.0, name in layer.hra_u0)
+            gs, planes = layer.configs[name].apply_GS, name in layer.hra_u0
+            key = (tuple(u.shape), u.device, u.dtype, graph, strength != 1.0, gs, planes)
             groups.setdefault(key, []).append((layer, name))
-    for (*_, graph, fractional, gs), entries in groups.items():
+    for (*_, graph, fractional, gs, planes), entries in groups.items():
         us = [layer.hra_u[name] for layer, name in entries]
-        u0s = [layer.hra_u0[name] for layer, name in entries] if gs else None
+        u0s = [layer.hra_u0[name] for layer, name in entries] if planes else None
         if fractional:  # sampling at a strength: float64 eigen-work per layer, worth batching even for one
-            batch = hh.fractional_factors_batch(us, [layer.strength[name] for layer, name in entries], u0s)
+            strengths = [layer.strength[name] for layer, name in entries]
+            batch = hh.fractional_factors_batch(us, strengths, u0s, gram_schmidt=gs)
         elif len(entries) > 1:
-            batch = hh.hra_factors_batch(us, u0s)
+            batch = hh.hra_factors_batch(us, u0s, gram_schmidt=gs)
         else:
             continue
         for (layer, name), u, factors in zip(entries, us, batch):
@@ -154,7 +156,8 @@ def hra_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterato
 
 
 def hra_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """{"<module path>.hra_u": (d_in, r)} raw vectors (peft's layout); GS adapters add "<path>.hra_u0"."""
+    """{"<module path>.hra_u": (d_in, r)} raw vectors (peft's layout); identity_start GS adapters add
+    "<path>.hra_u0"."""
     _require(model, adapter_name)
     state = {}
     for path, layer in hra_layers(model):

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from ..baselines import ADAPTER_KINDS, BaselineConfig
 from ..cli import HelpFormatter
-from ..config import HRAConfig
+from ..config import GS_FORMS, HRAConfig
 from ..io import atomic_write
 from .errors import TrainingError
 
@@ -79,6 +79,11 @@ class TrainSettings:
     hra_r: int = option(8, group="HRA adapter", range=(1, 4096),
                         help="reflections per layer (even: starts exactly at the base)")
     hra_apply_GS: bool = option(False, group="HRA adapter", help="strictly orthogonal reflection planes")
+    hra_gs_form: str = option("identity_start", group="HRA adapter", choices=GS_FORMS,
+                              help="the strictly orthogonal operator (with --hra_apply_GS): identity_start = "
+                              "(I - 2QQ^T)(I - 2Q0Q0^T), starts at the base model, update of rank up to 2r; paper = "
+                              "I - 2QQ^T, the paper's lambda = infinity (Table 4) and peft's apply_GS, rank r, "
+                              "starts away from the base model")
     hra_lambda: float = option(0.0, group="HRA adapter", range=(0.0, 1e6),
                                help="weight of the orthogonality regularizer")
     hra_target_modules: str = option("to_q,to_k,to_v,to_out.0", group="HRA adapter",
@@ -205,10 +210,14 @@ class TrainSettings:
                               oft_block_size=self.oft_block_size, oft_coft=self.oft_coft, oft_eps=self.oft_eps)
 
     def hra_config(self, targets: tuple[str, ...] | str | None = None) -> HRAConfig:
-        """The adapter the --hra_* flags ask for; ``targets`` replaces --hra_target_modules (the text encoder's)."""
+        """The adapter the --hra_* flags ask for; ``targets`` replaces --hra_target_modules (the text encoder's).
+
+        --hra_gs_form paper asks for an operator that is never the identity, so it accepts the non-identity start.
+        """
         try:
-            return HRAConfig(r=self.hra_r, apply_GS=self.hra_apply_GS, lambda_orth=self.hra_lambda,
-                             target_modules=targets or self.target_modules())
+            return HRAConfig(r=self.hra_r, apply_GS=self.hra_apply_GS, gs_form=self.hra_gs_form,
+                             lambda_orth=self.hra_lambda, target_modules=targets or self.target_modules(),
+                             init="random" if self.hra_gs_form == "paper" else "identity")
         except ValueError as err:
             raise SettingsError(f"--hra_* flags: {err}") from err
 
@@ -225,6 +234,7 @@ class TrainSettings:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "hra_r": self.hra_r,
             "hra_apply_GS": self.hra_apply_GS,
+            "hra_gs_form": self.hra_gs_form,
             "hra_lambda": self.hra_lambda,
             "hra_target_modules": self.hra_target_modules,
             "prediction_type": prediction_type,
