@@ -44,4 +44,20 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL pipeline folder (two text encoders, size conditioning)."""
     from hra_diffusion.testing.tiny import build_tiny_pipeline
 
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_xl") / "sdxl", sdxl=True)
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_xl") / "sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3.5-medium-style pipeline folder (MMDiT, three text encoders, flow matching)."""
+    from hra_diffusion.testing.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3") / "sd3", family="sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev-style pipeline folder (guidance embedding, dynamic shifting, CLIP and T5)."""
+    from hra_diffusion.testing.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_flux") / "flux", family="flux")

@@ -1,23 +1,31 @@
-"""Offline tiny Stable Diffusion: the SD1.5 (or SDXL) layout at toy size, built from configs with random weights.
+"""Offline tiny diffusion pipelines: SD1.5, SDXL, SD3 and FLUX.1 layouts at toy size, from configs, random weights.
 
 No model hub is reachable from the dev, CI and GPU machines, yet tests, benchmarks, the demo app and outside checks
-need a real `StableDiffusionPipeline` folder to load by path. This module writes one (~1M-parameter UNet with real
-attention and GEGLU layers, a small VAE and CLIP text encoder, DDIM with SD1.5 settings, optionally a ControlNet)
-together with the real OpenAI CLIP BPE tokenizer rebuilt from the vocabulary file open_clip ships. ``--sdxl`` writes
-a `StableDiffusionXLPipeline` instead: two text encoders (the second with a projection, its pooled output feeding
-the UNet's "text_time" embedding with the size conditioning), Euler with SDXL settings. Same seed, same bits.
+need real pipeline folders to load by path. This module writes them, each with its family's real pipeline class,
+component classes and scheduler settings, and with the real OpenAI CLIP BPE tokenizer rebuilt from the vocabulary
+file open_clip ships (`offline_tokenizers`):
+
+- ``sd``: a ~1M-parameter UNet with real attention and GEGLU layers, a small VAE and CLIP text encoder, DDIM with
+  SD1.5 settings, optionally a ControlNet.
+- ``sdxl``: two text encoders (the second with a projection, its pooled output feeding the UNet's "text_time"
+  embedding with the size conditioning), Euler with SDXL settings.
+- ``sd3``: an SD3.5-medium-style MMDiT (joint blocks, one with dual attention, RMS q/k norm), a 16-channel VAE,
+  flow matching with shift 3, two projected CLIP encoders and a T5 encoder with a T5-layout tokenizer.
+- ``flux`` (dev) / ``flux-schnell``: double-stream and single-stream blocks over packed 2x2 latents, the guidance
+  embedding (dev only), a 16-channel VAE, flow matching with dynamic shifting (dev) or none (schnell), CLIP and T5.
+
+Images are 64 px (FLUX's pipeline must be told: it defaults to 128 latent pixels). Same seed, same bits.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from functools import lru_cache
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,19 +33,33 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from ..cli import HelpFormatter
 from ..io import folder_mode
+from .offline_tokenizers import clip_tokenizer, t5_tokenizer
 
 MARKER = "tiny_sd.json"  # written last into every folder this module builds
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-N_MERGES = 49152 - 256 - 2  # 48,894: what OpenAI CLIP (and SD1.5) use of the 262k-line BPE file
+DDPM_FAMILIES = ("sd", "sdxl")  # the UNet families; the others learn flow matching and have no prediction_type
 
 # The real SD1.5 UNet architecture; built from this with random weights, benchmarks measure what users train.
 SD15_UNET_CONFIG = dict(
@@ -70,54 +92,6 @@ SDXL_UNET_CONFIG = dict(
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's reversible byte -> printable unicode map (same as CLIP / GPT-2)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-@lru_cache(maxsize=1)
-def _clip_bpe() -> tuple[tuple[str, ...], dict[str, int]]:
-    """(merges, vocab) of OpenAI CLIP, from open_clip's bundled `bpe_simple_vocab_16e6.txt.gz`."""
-    spec = importlib.util.find_spec("open_clip")  # locate the package without importing it (and torchvision)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            'the CLIP vocabulary (bpe_simple_vocab_16e6) ships with open_clip: pip install "hra-studio[eval]"',
-            name="open_clip",
-        )
-    bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    merges = tuple(lines[1 : N_MERGES + 1])  # line 0 is a version header
-    byte_tokens = list(_bytes_to_unicode().values())
-    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == 49408, len(vocab)
-    return merges, vocab
-
-
-def clip_tokenizer(out_dir: Path | None = None) -> CLIPTokenizer:
-    """The SD1.5 CLIP tokenizer (ids equal to open_clip's). Writes vocab.json/merges.txt to `out_dir` if given."""
-    merges, vocab = _clip_bpe()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(out_dir) if out_dir is not None else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer.from_pretrained(
-            folder, model_max_length=77, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
-        )
-        if out_dir is not None:
-            tokenizer.save_pretrained(folder)  # loadable by path with the same settings
-        return tokenizer
-
-
 def ddim_scheduler(prediction_type: str) -> DDIMScheduler:
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -134,9 +108,15 @@ def ddim_scheduler(prediction_type: str) -> DDIMScheduler:
 TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1)
 
 
-def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
+# SD3's and FLUX's VAE: 16 latent channels and no 1x1 convs around the latent.
+FLOW_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+T5_WIDTH = 128  # twice the SD3 CLIP pair's 64, as 4096 is twice 768 + 1280: SD3's zero padding of CLIP states is real
+
+
+def _vae(seed: int, scaling_factor: float, **overrides) -> AutoencoderKL:
+    """A two-level VAE (8x downsampling becomes 2x); `overrides` give SD3's and FLUX's latent layout."""
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -144,8 +124,8 @@ def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
         block_out_channels=(32, 64),
         latent_channels=4,
         sample_size=64,
-        scaling_factor=scaling_factor,
     )
+    return AutoencoderKL(**{**config, **overrides}, scaling_factor=scaling_factor)
 
 
 def _text_encoder(tokenizer: CLIPTokenizer, seed: int, projection_dim: int | None = None) -> CLIPTextModel:
@@ -164,6 +144,23 @@ def _text_encoder(tokenizer: CLIPTokenizer, seed: int, projection_dim: int | Non
         **({"projection_dim": projection_dim} if projection_dim else {}),
     )
     return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+
+
+def _t5_encoder(tokenizer: T5TokenizerFast, seed: int) -> T5EncoderModel:
+    """A 2-layer T5 v1.1 encoder (gated GELU, relative attention), the vocabulary padded to 32,128 as T5's is."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=32128,
+        d_model=T5_WIDTH,
+        d_kv=32,
+        d_ff=256,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config)
 
 
 def _build_sd(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> StableDiffusionPipeline:
@@ -223,24 +220,109 @@ def _build_sdxl(tokenizer: CLIPTokenizer, prediction_type: str, seed: int) -> St
     )
 
 
-def _build_into(folder: Path, *, controlnet: bool, prediction_type: str, seed: int, sdxl: bool = False) -> None:
+def _build_sd3(clip: CLIPTokenizer, seed: int) -> StableDiffusion3Pipeline:
+    """SD3.5 medium's layout: joint blocks (the last context-pre-only) over 2x2 patches, q/k RMS norms, dual attention
+    in block 0; two projected CLIP encoders (pooled 32 + 32, as 768 + 1280) and T5."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=T5_WIDTH,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    t5 = t5_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae(seed, 1.5305, shift_factor=0.0609, **FLOW_VAE),
+        text_encoder=_text_encoder(clip, seed, projection_dim=32),
+        tokenizer=clip,
+        text_encoder_2=_text_encoder(clip, seed + 1, projection_dim=32),
+        tokenizer_2=clip,
+        text_encoder_3=_t5_encoder(t5, seed + 2),
+        tokenizer_3=t5,
+    )
+
+
+def _build_flux(clip: CLIPTokenizer, seed: int, schnell: bool = False) -> FluxPipeline:
+    """FLUX.1's layout: double- then single-stream blocks on packed latents (16 channels x 2x2 = 64), 3-axis RoPE,
+    CLIP's pooled output and T5's states; dev embeds the guidance scale and shifts by image size, schnell neither."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=32,
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0 if schnell else 3.0,
+        use_dynamic_shifting=not schnell,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    t5 = t5_tokenizer()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(seed, 0.3611, shift_factor=0.1159, **FLOW_VAE),
+        text_encoder=_text_encoder(clip, seed),
+        tokenizer=clip,
+        text_encoder_2=_t5_encoder(t5, seed + 1),
+        tokenizer_2=t5,
+        transformer=transformer,
+    )
+
+
+_BUILDERS: dict[str, Callable[..., DiffusionPipeline]] = {
+    "sd": _build_sd,
+    "sdxl": _build_sdxl,
+    "sd3": _build_sd3,
+    "flux": _build_flux,
+    "flux-schnell": partial(_build_flux, schnell=True),
+}
+FAMILIES = tuple(_BUILDERS)
+
+
+def _build_into(folder: Path, *, family: str, controlnet: bool, prediction_type: str | None, seed: int) -> None:
     """Build every component with fixed seeds and save the pipeline (and controlnet) into `folder`."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    if sdxl and controlnet:
-        raise ValueError("the tiny SDXL pipeline has no ControlNet; build it without --controlnet")
-    pipe = (_build_sdxl if sdxl else _build_sd)(clip_tokenizer(), prediction_type, seed)
+    if family not in _BUILDERS:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    if controlnet and family != "sd":
+        raise ValueError(f"only the tiny SD pipeline has a ControlNet; build {family} without --controlnet")
+    options = {}
+    if family in DDPM_FAMILIES:
+        options["prediction_type"] = prediction_type or "epsilon"
+        if options["prediction_type"] not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    elif prediction_type is not None:
+        raise ValueError(f"{family} learns flow matching; prediction_type is for {' and '.join(DDPM_FAMILIES)}")
+    pipe = _BUILDERS[family](clip_tokenizer(), seed=seed, **options)
     pipe.save_pretrained(folder, safe_serialization=True)
-    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    names = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     params = {name: _n_params(getattr(pipe, name)) for name in names if getattr(pipe, name, None) is not None}
     if controlnet:
         torch.manual_seed(seed)
         cn = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
         cn.save_pretrained(folder / "controlnet", safe_serialization=True)
         params["controlnet"] = _n_params(cn)
-    info = {"builder": __name__, "controlnet": controlnet, "prediction_type": prediction_type, "seed": seed}
-    if sdxl:
-        info["sdxl"] = True
+    info = {"builder": __name__, "family": family, "controlnet": controlnet, **options, "seed": seed}
     (folder / MARKER).write_text(json.dumps({**info, "params": params}, indent=2) + "\n")
 
 
@@ -273,13 +355,13 @@ def _publish(tmp: Path, target: Path) -> bool:
 def build_tiny_pipeline(
     out_dir: str | os.PathLike,
     *,
+    family: str = "sd",
     controlnet: bool = False,
-    prediction_type: str = "epsilon",
+    prediction_type: str | None = None,
     seed: int = 0,
-    sdxl: bool = False,
 ) -> Path:
-    """Write a tiny StableDiffusionPipeline (``sdxl``: StableDiffusionXLPipeline) folder to `out_dir` (plus
-    `out_dir/controlnet` if asked); return it.
+    """Write a tiny pipeline of `family` (one of `FAMILIES`) to `out_dir` (plus `out_dir/controlnet` if asked, SD
+    only); return it. `prediction_type` (SD and SDXL: "epsilon", the default, or "v_prediction") picks DDPM's target.
 
     The folder is built beside `out_dir` and renamed into place. An existing tiny pipeline there is replaced;
     any other non-empty folder (or a file) is refused.
@@ -292,7 +374,7 @@ def build_tiny_pipeline(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _build_into(tmp, controlnet=controlnet, prediction_type=prediction_type, seed=seed, sdxl=sdxl)
+        _build_into(tmp, family=family, controlnet=controlnet, prediction_type=prediction_type, seed=seed)
         if not _publish(tmp, out_dir):  # an old tiny pipeline is there: swap it out
             if not is_tiny_pipeline(out_dir):
                 raise FileExistsError(f"{out_dir} was filled by someone else while building; not touching it")
@@ -313,7 +395,7 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike, controlnet: bool = True) 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _build_into(tmp, controlnet=controlnet, prediction_type="epsilon", seed=0)
+        _build_into(tmp, family="sd", controlnet=controlnet, prediction_type=None, seed=0)
         if not _publish(tmp, target) and not is_tiny_pipeline(target):
             raise FileExistsError(f"{target} exists and is not a tiny pipeline")
     finally:
@@ -327,13 +409,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to")
-    parser.add_argument("--controlnet", action="store_true", help="also write OUT_DIR/controlnet")
-    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    parser.add_argument("--family", choices=FAMILIES, default="sd", help="which pipeline layout to write")
+    parser.add_argument("--sdxl", dest="family", action="store_const", const="sdxl", help="same as --family sdxl")
+    parser.add_argument("--controlnet", action="store_true", help="also write OUT_DIR/controlnet (sd only)")
+    parser.add_argument(
+        "--prediction-type", choices=("epsilon", "v_prediction"), help="sd and sdxl only (default: epsilon)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sdxl", action="store_true", help="an SDXL pipeline (two text encoders, size conditioning)")
     args = parser.parse_args(argv)
     path = build_tiny_pipeline(
-        args.out_dir, controlnet=args.controlnet, prediction_type=args.prediction_type, seed=args.seed, sdxl=args.sdxl
+        args.out_dir, family=args.family, controlnet=args.controlnet, prediction_type=args.prediction_type,
+        seed=args.seed,
     )
     print(path)
     for name, n in json.loads((path / MARKER).read_text())["params"].items():
