@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from hra_diffusion.demo_world import UNIQUE_TOKEN, DemoWorld
-from hra_diffusion.images import ImageError, load_image
+from hra_diffusion.images import ImageError
 from hra_diffusion.train.settings import MAX_SEED
 from training.dreambooth_hra import DreamBoothSettings
 
 from .host import PipelineHost, in_range
 from .jobs import Job, JobQueue
+from .photos import open_photo
 from .store import inside, slug
 
 MAX_PHOTOS = 50
-MAX_PHOTO_BYTES = 30 * 1024 * 1024
-MAX_PHOTO_PIXELS = 40_000_000  # a 40 MP camera still passes; a decompression bomb does not
 TOKEN_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
 CLASS_RE = re.compile(r"[A-Za-z][A-Za-z -]{0,39}")
 TRAINER = "training.dreambooth_hra"
@@ -120,16 +119,13 @@ class TrainingService:
                 for s in SUBJECTS if (self.world.subjects / s.name).is_dir()]
 
     def check_photos(self, paths: list[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
-        """(usable photos, [{"file", "reason"}, ...]): every file is decoded once here, with the library's checks."""
+        """(usable photos, [{"file", "reason"}, ...]): each file checked and decoded once (photos.open_photo)."""
         good: list[Path] = []
         rejected: list[dict[str, str]] = []
         for raw in paths:
             path = Path(raw)
             try:
-                size = path.stat().st_size
-                if size > MAX_PHOTO_BYTES:
-                    raise ImageError(path, f"file is {size / 2**20:.1f} MB, over the {MAX_PHOTO_BYTES >> 20} MB limit")
-                load_image(path, max_pixels=MAX_PHOTO_PIXELS)
+                open_photo(path)
             except (ImageError, OSError) as err:
                 rejected.append({"file": path.name, "reason": getattr(err, "reason", str(err))})
             else:

@@ -26,6 +26,7 @@ from hra_diffusion.control import CONTROL_KIND
 
 from .host import CONTROL_TYPES, DOWNLOADS, HRA_FILE
 from .jobs import ACTIVE
+from .photos import MAX_PHOTO_BYTES, open_photo
 from .studio import Studio
 from .training_service import MAX_PHOTOS, TrainForm
 
@@ -163,6 +164,11 @@ def _number(value: Any, label: str, kind: type = float) -> Any:
     return kind(number)
 
 
+def _control_photo(path: str | None) -> Any:
+    """The uploaded control image, held to the photos' limits before it is decoded (None: no control image)."""
+    return None if path is None else open_photo(path)
+
+
 def _given(value: Any, message: str) -> Any:
     """``value``, or ValueError(message) for what an emptied box or an unmade choice sends: None or ""."""
     if value is None or value == "":
@@ -245,7 +251,7 @@ class Handlers:
             _number(num_images, "Images", int),
             _number(strength, "Adapter strength"),
             control_adapter or None,
-            control_image,
+            _control_photo(control_image),
             control_type,
             _number(control_scale, "Control strength"),
         )
@@ -255,8 +261,8 @@ class Handlers:
         info = next((a for a in self.studio.list_adapters() if a["name"] == name and "error" not in a), None)
         return (info or {}).get("instance_prompt") or prompt
 
-    def preview_condition(self, image: Any, control_type: str) -> Any:
-        return self.studio.condition(image, control_type) if image is not None else None
+    def preview_condition(self, image: str | None, control_type: str) -> Any:
+        return self.studio.condition(_control_photo(image), control_type) if image is not None else None
 
     # -------------------------------------------------------------------------------------------------- adapters
 
@@ -337,7 +343,8 @@ def _photos_column(h: Handlers) -> tuple[gr.File, list[tuple[gr.Button, dict[str
     """The photos, checked as they arrive, and a button per demo subject (with the subject it fills in)."""
     with gr.Column():
         photos = gr.File(
-            label=f"Photos of your subject (1-{MAX_PHOTOS}; JPEG, PNG, WebP)", file_count="multiple",
+            label=f"Photos of your subject (1-{MAX_PHOTOS}; JPEG, PNG, WebP; {MAX_PHOTO_BYTES >> 20} MB each at most)",
+            file_count="multiple",
             file_types=["image"], height=160, elem_id="photos",
         )  # fmt: skip
         preview = gr.Gallery(label="Accepted photos", columns=6, height=160, elem_id="photo-preview")
@@ -436,7 +443,9 @@ def _control_box(h: Handlers) -> tuple[gr.Accordion, list[Any]]:
     with gr.Accordion("Control (layout from an image)", open=False, visible=False) as box:
         control_adapter = gr.Dropdown([], label="Control adapter", allow_custom_value=True)
         with gr.Row():
-            control_image = gr.Image(type="pil", label="Control image", height=200, elem_id="control-image")
+            # a path, not an image: gradio would decode it before open_photo's limits (image_mode=None: no convert)
+            control_image = gr.Image(type="filepath", image_mode=None, height=200, elem_id="control-image",
+                                     label=f"Control image ({MAX_PHOTO_BYTES >> 20} MB at most)")
             condition = gr.Image(type="pil", label="What the adapter sees", height=200, interactive=False,
                                  elem_id="condition")  # fmt: skip
         with gr.Row():

@@ -297,14 +297,6 @@ def test_photos_are_checked_one_by_one(studio, tmp_path):
         studio.train([files["text"], files["empty"]], TrainForm())
 
 
-def test_oversized_files_are_refused_before_decoding(studio, tmp_path, monkeypatch):
-    monkeypatch.setattr("app.training_service.MAX_PHOTO_BYTES", 2**20)
-    big = tmp_path / "big.jpg"
-    big.write_bytes(os.urandom(2 * 2**20))
-    _, rejected = studio.check_photos([big])
-    assert rejected == [{"file": "big.jpg", "reason": "file is 2.0 MB, over the 1 MB limit"}]
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
