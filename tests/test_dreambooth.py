@@ -426,6 +426,72 @@ def test_sigterm_stops_cleanly_and_resumes(tiny_sd, tmp_path):
     assert [e["step"] for e in ev if e["event"] == "step"][-1] == stopped_at + 1
 
 
+def test_a_stop_ends_class_image_generation_between_denoising_steps(tiny_sd, tmp_path, monkeypatch):
+    """A stop was seen only between batches: a 50-step batch on a starved CPU held it for minutes."""
+    from types import SimpleNamespace
+
+    from hra_diffusion.pipelines import load_pipeline
+    from hra_diffusion.train.runtime import STOP
+    from training.dreambooth_hra import DreamBoothSettings, generate_class_images
+
+    monkeypatch.setattr(STOP, "requested", False)
+    pipe = load_pipeline(tiny_sd, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    steps = []
+    step = pipe.scheduler.step
+
+    def step_then_stop(*args, **kwargs):  # the signal arrives while the third denoising step runs
+        steps.append(1)
+        STOP.requested = len(steps) >= 3
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", step_then_stop)
+    class_dir = tmp_path / "class"
+    settings = DreamBoothSettings(
+        pretrained_model_name_or_path=str(tiny_sd), instance_data_dir=str(DOG), instance_prompt="a photo of sks dog",
+        output_dir=str(tmp_path / "out"), with_prior_preservation=True, class_prompt="a photo of a dog",
+        class_data_dir=str(class_dir), num_class_images=4, sample_batch_size=2, num_class_inference_steps=50,
+        resolution=32,
+    )  # fmt: skip
+    alone = SimpleNamespace(
+        process_index=0, num_processes=1, device=torch.device("cpu"), is_local_main_process=False,
+        wait_for_everyone=lambda: None,
+    )  # fmt: skip
+    generate_class_images(pipe, settings, alone, seed=0)
+    assert len(steps) == 3, "the batch ended right after the step during which the stop came"
+    assert list(class_dir.iterdir()) == [], "no image of the unfinished batch, and no temp file"
+
+
+@pytest.mark.slow
+def test_sigterm_during_class_images_stops_within_seconds(tiny_sd, tmp_path):
+    out, class_dir = tmp_path / "out", tmp_path / "class"
+    args = base_args(
+        tiny_sd, out, with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir=class_dir,
+        num_class_images=2, sample_batch_size=2, num_class_inference_steps=500,
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.dreambooth_hra", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not class_dir.is_dir():  # made as generation starts, after the model has loaded
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(2)  # well inside the 500-step batch
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert took < 10, f"took {took:.1f} s to stop"
+    assert events(out)[-1] == {"event": "stopped", "step": 0, "adapter": None}
+    assert list(class_dir.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoints are data: safetensors + JSON, never a pickle
 

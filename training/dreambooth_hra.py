@@ -144,12 +144,15 @@ def generate_class_images(pipe, settings: DreamBoothSettings, accelerator, seed:
         batch = mine[start : start + settings.sample_batch_size]
         generators = [torch.Generator("cpu").manual_seed(_name_seed(seed, name)) for name in batch]
         with autocast, fp32_vae_decode(pipe):
-            images = pipe(
+            output = STOP.sample(
+                pipe,
                 prompt=[settings.class_prompt] * len(batch),
                 num_inference_steps=settings.num_class_inference_steps,
                 generator=generators,
-            ).images
-        for name, image in zip(batch, images):
+            )
+        if output is None:  # stopped between two denoising steps: nothing of this batch is written
+            break
+        for name, image in zip(batch, output.images):
             atomic_write(folder / name, lambda tmp, im=image: im.save(tmp, format="PNG"))
         bar.update(len(batch))
     bar.close()
