@@ -229,6 +229,25 @@ def test_progress_reader_waits_for_whole_lines(tmp_path):
     assert reader.read() == [events.Checkpoint(step=1, path="c")]
 
 
+@pytest.mark.parametrize("start_step", [0, 400])  # a fresh run and a resume at step 400 of 500
+def test_time_left_leaves_out_the_warm_up(start_step):
+    """The job view's time left, from the trainer's Step events: 1 s steps after a 20 s warm-up in an attempt's first
+    step. Counting the warm-up in made the estimate after a resume far off (step 402 of 500: 18 minutes left, not
+    1.6); from the second step on it is the pace since the first."""
+    now = [1000.0]
+    pace = events.Pace(start_step, clock=lambda: now[0])
+    job = Job(id="j", seq=1, trainer="t", settings={})
+    for step in range(start_step + 1, 501):
+        now[0] += 21.0 if step == start_step + 1 else 1.0
+        elapsed, eta = pace.update(step, 500)
+        job.apply(events.Step(step=step, max_steps=500, loss=0.1, orth=0.0, lr=1e-4, elapsed_s=elapsed, eta_s=eta))
+        assert job.elapsed_s == now[0] - 1000.0
+        if step == start_step + 1:
+            assert job.eta_s == 21.0 * (500 - step), "one step seen: its own time is all there is"
+        else:
+            assert job.eta_s == pytest.approx(500 - step), f"step {step}"
+
+
 def test_job_json_is_written_atomically_and_reloaded(tmp_path, fake_trainer):
     queue = JobQueue(tmp_path / "jobs")
     try:
@@ -440,10 +459,14 @@ def test_store_lists_unreadable_files_with_the_reason(tmp_path):
     assert store.unique_name("broken") == "broken-2" and store.unique_name("ü/..") == "adapter"
 
 
-def test_sdxl_base_defaults_to_1024_px(tiny_sdxl, tmp_path):
+def test_the_form_defaults_to_the_base_models_own_size(tiny_sdxl, tmp_path):
+    """The size diffusers' own pipeline draws at when given no height (1024 for real SDXL; the tiny one's 64)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     studio = Studio(tmp_path / "data", base_model=str(tiny_sdxl), warm=False)
     try:
-        assert studio.defaults().resolution == 1024
+        assert studio.defaults().resolution == pipe.default_sample_size * pipe.vae_scale_factor
     finally:
         studio.close()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -45,6 +47,28 @@ class Step(Event):
     lr: float
     elapsed_s: float
     eta_s: float
+
+
+class Pace:
+    """Step's elapsed_s and eta_s for one attempt (a start or a resume): the time left is the pace of this attempt's
+    steps after its first one. The first step carries one-time costs (lazy initialization, allocator growth, the first
+    batch); counted in, they ruled the estimate over the few steps a resumed tail has seen: a 20 s warm-up before 1 s
+    steps put step 402 of 500 at 18 minutes left instead of 1.6."""
+
+    def __init__(self, start_step: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.start_step, self.clock = start_step, clock
+        self.t0 = clock()
+        self.first_done: float | None = None
+
+    def update(self, step: int, max_steps: int) -> tuple[float, float]:
+        """(seconds since the attempt began, seconds left) now that ``step`` is done; steps come one by one."""
+        now = self.clock()
+        if self.first_done is None:  # the only step seen: its own time, warm-up and all, until the next one
+            self.first_done = now
+            per_step = now - self.t0
+        else:
+            per_step = (now - self.first_done) / (step - self.start_step - 1)
+        return now - self.t0, per_step * (max_steps - step)
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ class _Run:
             model.train()
         self.bar = tqdm(total=self.max_steps, initial=self.start_step, desc="steps", disable=not self.main,
                         dynamic_ncols=True)
-        self.t0 = time.monotonic()
+        self.pace = events.Pace(self.start_step)
 
     def _prepare_models(self) -> None:
         """To the device, frozen weights to the mixed-precision dtype, memory options."""
@@ -300,8 +300,7 @@ class _Run:
     # -- watching -----------------------------------------------------------------------------------------------------
 
     def log(self, step: int, result: StepResult) -> None:
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / (step - self.start_step) * (self.max_steps - step)
+        elapsed, eta = self.pace.update(step, self.max_steps)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{result.loss:.4f}", orth=f"{result.orth:.3g}", lr=f"{result.lr:.2e}")
         self.acc.log({"loss": result.loss, "orth": result.orth, "lr": result.lr, **result.logs}, step=step)
@@ -344,7 +343,7 @@ class _Run:
 
     def finish(self, status: str, step: int) -> TrainResult:
         """Check the processes agree, save the adapter (and a checkpoint of the last step), sample, write the card."""
-        self.train_s = time.monotonic() - self.t0  # the steps, with the checkpoints and samples between them
+        self.train_s = time.monotonic() - self.pace.t0  # the steps, with the checkpoints and samples between them
         self.bar.close()
         self._check_ranks_agree()
         adapter = None
