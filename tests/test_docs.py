@@ -32,6 +32,22 @@ def test_every_marker_is_followed_by_a_block():
         assert text.count(MARKER) == len(runnable_blocks(path)), f"{path.name}: a marker without a block after it"
 
 
+# What `accelerate launch` guesses, with a warning on every call, when neither given nor in an accelerate config
+LAUNCH_GUESSES = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
+
+
+def test_accelerate_launch_commands_leave_nothing_to_guess():
+    commands = []
+    for path in DOCS:
+        for block in re.findall(r"```bash\n(.*?)\n```", path.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if "accelerate launch" in line:
+                    launch = line.split("accelerate launch", 1)[1].split(".py", 1)[0].split()
+                    commands.append((path.name, [flag for flag in LAUNCH_GUESSES if flag not in launch]))
+    assert len(commands) >= 6, "the guides' launch commands were not found"
+    assert [(name, missing) for name, missing in commands if missing] == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", [p for p in DOCS if runnable_blocks(p)], ids=lambda p: p.name)
 def test_commands_run_as_written(doc, tmp_path):
@@ -43,3 +59,4 @@ def test_commands_run_as_written(doc, tmp_path):
         result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"{doc.name} block {i + 1} failed:\n{code}\n{result.stdout[-2000:]}" \
                                        f"\n{result.stderr[-4000:]}"
+        assert "were not passed to `accelerate launch`" not in result.stderr, f"{doc.name} block {i + 1}"
