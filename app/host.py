@@ -18,8 +18,9 @@ from PIL import Image
 
 from hra_diffusion.control import CONTROL_KIND, make_condition
 from hra_diffusion.export_formats import EXPORT_FORMATS
+from hra_diffusion.families import BY_NAME, family_for_pipeline, family_of
 from hra_diffusion.io import atomic_write, read_hra_metadata
-from hra_diffusion.pipelines import attach_adapters, is_sdxl, load_pipeline, unload_adapter
+from hra_diffusion.pipelines import attach_adapters, load_pipeline, unload_adapter
 from hra_diffusion.pipelines import generate as sample
 from hra_diffusion.train.settings import MAX_SEED
 
@@ -82,16 +83,16 @@ class PipelineHost:
             raise self._pipe_error
         return self._base
 
-    def is_sdxl(self) -> bool:
-        """From the loaded pipeline, or before it is loaded from a local folder's model_index.json (a hub id then
-        counts as SD until the pipeline is there)."""
+    def default_resolution(self) -> int:
+        """The base model's own image size: from the loaded pipeline, or before it is loaded from a local folder's
+        model_index.json (its family's usual size; a hub id counts as SD 1.x until the pipeline is there)."""
         if self._pipe is not None:
-            return is_sdxl(self._pipe)
+            return family_of(self._pipe).default_resolution(self._pipe)
         index = Path(self._base).expanduser() / "model_index.json"
         try:
-            return json.loads(index.read_text()).get("_class_name", "").startswith("StableDiffusionXL")
+            return family_for_pipeline(json.loads(index.read_text()).get("_class_name", "")).typical_resolution
         except (OSError, ValueError):
-            return False
+            return BY_NAME["sd"].typical_resolution
 
     def _pipeline(self) -> Any:
         """The base pipeline, loaded once at start and kept for every later request."""

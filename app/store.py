@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hra_diffusion.families import DENOISERS
 from hra_diffusion.io import atomic_write, read_hra_metadata
 
 SUFFIX = ".safetensors"
@@ -70,7 +71,8 @@ class AdapterStore:
         path = self.path(name)
         meta = read_hra_metadata(path)
         parts = meta["adapters"]
-        config = parts.get("unet", next(iter(parts.values()), {})).get("config", {})
+        main = next((parts[name] for name in DENOISERS if name in parts), next(iter(parts.values()), {}))
+        config = main.get("config", {})
         stat = path.stat()
         return {
             "name": name,

@@ -106,7 +106,7 @@ class TrainingService:
         if self.demo:
             # It draws noise whatever the steps: small, quick previews keep the demo snappy on a CPU.
             return TrainForm(steps=40, resolution=64, num_class_images=8, preview_steps=4)
-        return TrainForm(resolution=1024) if self.host.is_sdxl() else TrainForm()
+        return TrainForm(resolution=self.host.default_resolution())
 
     def demo_subjects(self) -> list[dict[str, Any]]:
         """The demo world's subjects (name, class noun, photo paths) for one-click examples; [] elsewhere."""

@@ -101,11 +101,11 @@ class Turns:
 def worker(args: argparse.Namespace) -> dict:
     """One mode, in this process: build, train warmup + steps (+1 to close the last timed step) through train()."""
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     from hra_diffusion import HRAConfig, add_hra
-    from hra_diffusion.diffusion import noisy_latents
+    from hra_diffusion.families.objectives import DDPMObjective
     from hra_diffusion.train import TrainSettings, TrainSpec, train
     from hra_diffusion.train.checkpointing import trainable_state
     from hra_diffusion.train.events import ProgressFile
@@ -135,12 +135,12 @@ def worker(args: argparse.Namespace) -> dict:
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(r=args.r, lora_alpha=args.r, init_lora_weights="gaussian", target_modules=TARGETS))
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    objective = DDPMObjective({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     turns = Turns(Path(args.turn_file), args.mode)
 
     def loss_fn(batch: dict, models: dict) -> tuple[torch.Tensor, dict]:
         turns.begin_step()
-        noisy, timesteps, target = noisy_latents(scheduler, batch["latents"])
+        noisy, timesteps, target, _ = objective.sample(batch["latents"])
         pred = models["unet"](noisy, timesteps, batch["hidden"]).sample.float()
         return F.mse_loss(pred, target.float()), {}
 

@@ -5,7 +5,7 @@
 - LoRA: an HRA layer computes with W H = W + (-(W V S)) V^T, a rank-k update, so the LoRA pair down = V^T,
   up = -(W V S) with alpha = k reproduces the adapter exactly in every LoRA loader (diffusers, ComfyUI, A1111).
   It bakes in the base weights W it was computed from.
-- merged: W H folded into the weights, saved as a plain diffusers pipeline (plus one ``unet.safetensors``).
+- merged: W H folded into the weights, saved as a plain diffusers pipeline (plus the denoiser in one file).
 
 These are the writers; ``export_formats.EXPORT_FORMATS`` names the formats for the convert command and the app.
 """
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import householder as hh
+from .families import family_of
 from .io import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, _components, atomic_folder, atomic_write
 from .model import _require, hra_adapters, hra_layers, hra_state_dict, remove_hra, set_active_adapters, unmerge_hra
 
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 
 LORA_FORMATS = ("diffusers", "kohya")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights looks for in a folder
-KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
-KOHYA_SDXL_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1"}  # SDXL's first encoder, as kohya/ComfyUI name it
 LORA_NOTE = (
     "Exact LoRA form of an HRA (Householder reflection) adapter: W H = W + lora_up @ lora_down, alpha = rank. "
     "lora_up = -(W V S) contains the base weights W, so this file is valid only on the base model whose weight "
@@ -169,10 +168,11 @@ def export_lora(
 ) -> Path:
     """Write adapter ``adapter_name`` (at its current strength) as an exact LoRA file; returns the file.
 
-    format "diffusers": "unet.<path>.lora_A.weight" / ".lora_B.weight" (alpha = rank is diffusers' default when no
+    format "diffusers": "<component>.<path>.lora_A.weight" / ".lora_B.weight" (unet or transformer, text_encoder...;
+    alpha = rank is diffusers' default when no
     alpha is stored), what ``pipe.load_lora_weights`` reads natively. format "kohya":
-    "lora_unet_<path with _>.lora_down.weight" / ".lora_up.weight" / ".alpha" ("lora_te_" for the text encoder;
-    "lora_te1_"/"lora_te2_" for SDXL's two),
+    "lora_unet_<path with _>.lora_down.weight" / ".lora_up.weight" / ".alpha" (the text encoders' prefixes are the
+    family's ``kohya_prefixes``: "lora_te_", or "lora_te1_"/"lora_te2_" for SDXL's two),
     what ComfyUI and A1111 read and diffusers converts. ``path`` ending in .safetensors is the file; otherwise it is
     a folder and the file is named pytorch_lora_weights.safetensors.
     """
@@ -181,12 +181,16 @@ def export_lora(
     tensors: dict[str, Tensor] = {}
     info: dict[str, Any] = {}
     components = _components(model_or_components)
-    prefixes = KOHYA_SDXL_PREFIXES if _is_sdxl(components) else KOHYA_PREFIXES
+    family = family_of(components)
+    prefixes = family.kohya_prefixes
     for comp, model in components.items():
         if adapter_name not in hra_adapters(model):
             continue
         if format == "kohya" and comp not in prefixes:
-            raise ValueError(f"kohya keys exist for {sorted(KOHYA_PREFIXES)}, not for a component named {comp!r}")
+            raise ValueError(
+                f"{family.title} has no kohya LoRA keys for {comp!r} (they exist for {sorted(prefixes) or 'none'}); "
+                "export format 'diffusers' instead"
+            )
         for path_in_model, (down, up) in lora_pairs(model, adapter_name).items():
             module_path = _lora_path(model, path_in_model)
             if format == "diffusers":
@@ -213,12 +217,6 @@ def export_lora(
     return atomic_write(lora_file(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _is_sdxl(components: Mapping[str, nn.Module]) -> bool:
-    """Two text encoders, or a UNet with SDXL's size conditioning ("text_time" added embedding)."""
-    unet_config = getattr(components.get("unet"), "config", None)
-    return "text_encoder_2" in components or getattr(unet_config, "addition_embed_type", None) == "text_time"
-
-
 def _merged_copy(model: nn.Module, adapter_name: str | None) -> nn.Module:
     """A plain copy of ``model`` with the active adapters (or just ``adapter_name``) folded in; ``model`` untouched."""
     merged = copy.deepcopy(model)
@@ -230,33 +228,35 @@ def _merged_copy(model: nn.Module, adapter_name: str | None) -> nn.Module:
 
 
 def export_merged(
-    pipe_or_unet: DiffusionPipeline | nn.Module, out: str | os.PathLike, adapter_name: str | None = None
+    pipe_or_model: DiffusionPipeline | nn.Module, out: str | os.PathLike, adapter_name: str | None = None
 ) -> Path:
     """Save a standalone checkpoint with the active adapters (or only ``adapter_name``) merged in; returns the folder.
 
-    A pipeline gives a diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained(out)``), a bare UNet a
-    model folder; both also get ``unet.safetensors``, the merged UNet's state dict in one file. Components with
-    adapters are deep-copied before merging, so the caller's models (and their dtypes) stay as they are.
+    A pipeline gives a diffusers pipeline folder (``DiffusionPipeline.from_pretrained(out)``), a bare denoiser a
+    model folder; both also get ``<denoiser>.safetensors`` (unet or transformer), the merged denoiser's state dict in
+    one file. Components with adapters are deep-copied before merging, so the caller's models (and their dtypes) stay
+    as they are.
     """
-    is_model = isinstance(pipe_or_unet, nn.Module)
-    components = {"unet": pipe_or_unet} if is_model else dict(pipe_or_unet.components)
+    is_model = isinstance(pipe_or_model, nn.Module)
+    denoiser = family_of(pipe_or_model).denoiser
+    components = {denoiser: pipe_or_model} if is_model else dict(pipe_or_model.components)
     adapted = {name: m for name, m in components.items() if isinstance(m, nn.Module) and any(hra_layers(m))}
     if not adapted:
         raise ValueError("nothing to merge: no component has HRA adapters")
     if adapter_name is not None and not any(adapter_name in hra_adapters(m) for m in adapted.values()):
         raise ValueError(f"no HRA adapter named {adapter_name!r} to merge")
     merged = {name: _merged_copy(model, adapter_name) for name, model in adapted.items()}
-    unet = merged.get("unet", components.get("unet"))
 
     def write(tmp: Path) -> None:
         if is_model:
-            merged["unet"].save_pretrained(tmp, safe_serialization=True)
+            merged[denoiser].save_pretrained(tmp, safe_serialization=True)
         else:
-            target = copy.copy(pipe_or_unet)  # shallow: shares the untouched components, config dict is reassigned
+            target = copy.copy(pipe_or_model)  # shallow: shares the untouched components, config dict is reassigned
             for name, model in merged.items():
                 setattr(target, name, model)
             target.save_pretrained(tmp, safe_serialization=True)
-        state = {key: value.detach().cpu().contiguous() for key, value in unet.state_dict().items()}
-        save_file(state, str(tmp / "unet.safetensors"), metadata={"format": "pt"})
+        weights = merged.get(denoiser, components[denoiser]).state_dict()
+        state = {key: value.detach().cpu().contiguous() for key, value in weights.items()}
+        save_file(state, str(tmp / f"{denoiser}.safetensors"), metadata={"format": "pt"})
 
     return atomic_folder(out, write)

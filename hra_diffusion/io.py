@@ -51,13 +51,15 @@ class AdapterMismatchError(ValueError):
 
 
 def component_name(model: nn.Module) -> str:
-    """The name a bare model is stored under: unet, text_encoder or model."""
+    """The name a bare model is stored under: unet, transformer, text_encoder or model."""
     return _class_component(type(model).__name__)
 
 
 def _class_component(cls: str) -> str:
     if "UNet" in cls:
         return "unet"
+    if "Transformer2DModel" in cls:
+        return "transformer"
     if "TextModel" in cls:
         return "text_encoder"
     return "model"

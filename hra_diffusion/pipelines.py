@@ -1,13 +1,15 @@
-"""Load a base Stable Diffusion (1.x/2.x, SDXL) pipeline, attach HRA adapters, generate: for validation, eval and
-the app."""
+"""Load a base pipeline of any supported family (hra_diffusion.families), attach HRA adapters, generate: for
+validation, eval and the app."""
 
 from __future__ import annotations
 
 import inspect
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from PIL import Image
@@ -20,6 +22,7 @@ from .control import (
     detach_control,
     load_control_adapter,
 )
+from .families import UnknownFamilyError, denoiser_of, family_for_pipeline, family_of
 from .householder import autocast_enabled
 from .io import load_hra, read_hra_metadata
 from .model import hra_adapters, remove_hra, set_active_adapters
@@ -33,9 +36,6 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "ddpm": "DDPMScheduler",
 }
-
-
-ADAPTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what an adapter file can hold parts for
 
 
 class ModelNotFoundError(OSError):
@@ -56,23 +56,25 @@ def load_pipeline(
     pipeline_class: type | None = None,
     **components,
 ):
-    """The text-to-image pipeline of a hub id or a local folder: SD 1.x/2.x or SDXL, read from its model_index.json.
+    """The text-to-image pipeline of a hub id or a local folder, of the family its model_index.json names.
 
     The SD safety checker is off because it silently turns images black, which corrupts evaluation and previews;
     turn it back on by passing ``safety_checker=...``. Extra keyword arguments replace pipeline components
-    (``controlnet=...`` with ``pipeline_class=StableDiffusionControlNetPipeline``).
+    (``controlnet=...`` with ``pipeline_class=StableDiffusionControlNetPipeline``; ``text_encoder_3=None,
+    tokenizer_3=None`` drops SD3's T5). Without a network a hub id loads from the local cache or fails at once.
     """
     local = Path(base_model).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise ModelNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json inside)")
     source = str(local) if local.exists() else str(base_model)
+    options = {} if local.exists() else _hub_options(source, revision)
     try:
-        cls = pipeline_class or _pipeline_class(source, revision)
+        cls = pipeline_class or _pipeline_class(source, revision, options)
         if "safety_checker" in inspect.signature(cls.__init__).parameters:
             components.setdefault("safety_checker", None)
             components.setdefault("requires_safety_checker", False)
         pipe = cls.from_pretrained(
-            source, torch_dtype=dtype or torch.float32, revision=revision, variant=variant, **components
+            source, dtype=dtype or torch.float32, revision=revision, variant=variant, **options, **components
         )
     except (OSError, ValueError) as err:
         if local.exists() or isinstance(err, ModelNotFoundError):
@@ -86,28 +88,49 @@ def load_pipeline(
     return pipe.to(device or default_device())
 
 
-def _pipeline_class(source: str, revision: str | None) -> type:
-    """StableDiffusionPipeline or StableDiffusionXLPipeline, by the ``_class_name`` in model_index.json."""
-    import diffusers
+def _hub_options(repo_id: str, revision: str | None) -> dict[str, bool]:
+    """``local_files_only`` when the Hub cannot be reached but the model is cached; an error at once when it is not
+    cached, instead of half a minute of retries. Behind a proxy (HTTPS_PROXY) the Hub is assumed reachable."""
+    from huggingface_hub import constants, try_to_load_from_cache
 
-    name = diffusers.DiffusionPipeline.load_config(source, revision=revision).get("_class_name", "")
-    if name.startswith("StableDiffusionXL"):
-        return diffusers.StableDiffusionXLPipeline
-    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
-        return diffusers.StableDiffusionPipeline
+    if constants.HF_HUB_OFFLINE or os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return {}
+    if hub_reachable(constants.ENDPOINT):
+        return {}
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json", revision=revision), str):
+        return {"local_files_only": True}
     raise ModelNotFoundError(
-        f"{source} is a {name or 'pipeline of unknown kind'}; HRA Studio works with UNet pipelines: Stable Diffusion "
-        "1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+        f"could not load base model {repo_id!r}: {urlparse(constants.ENDPOINT).hostname} cannot be reached from here "
+        "(no network?) and the model is not in the local Hugging Face cache. Connect and retry (it is downloaded "
+        "once), or give a local diffusers folder."
     )
 
 
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub's host opens within ``timeout`` seconds (name lookup included)."""
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _pipeline_class(source: str, revision: str | None, options: dict[str, bool]) -> type:
+    """The family's pipeline class, by the ``_class_name`` in model_index.json."""
+    import diffusers
+
+    name = diffusers.DiffusionPipeline.load_config(source, revision=revision, **options).get("_class_name", "")
+    try:
+        return family_for_pipeline(name).pipeline_class()
+    except UnknownFamilyError as err:
+        raise ModelNotFoundError(f"{source}: {err}") from err
 
 
 def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
-    """The pipeline's models that adapters go on: unet, text_encoder and, for SDXL, text_encoder_2."""
-    return {name: getattr(pipe, name) for name in ADAPTED_COMPONENTS if getattr(pipe, name, None) is not None}
+    """The pipeline's models that adapters go on: its denoiser and text encoders (those it has loaded)."""
+    names = family_of(pipe).components
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -140,15 +163,16 @@ def attach_adapters(
     controls = [name for path, name in zip(paths, names) if _is_control_file(path)]
     if len(controls) > 1:
         raise ValueError(f"at most one control adapter at a time (the UNet has one hint input), got {controls}")
-    attached = control_encoder(pipe.unet)
+    denoiser = denoiser_of(pipe)
+    attached = control_encoder(denoiser)
     if attached is not None and attached.adapter_name is not None and attached.adapter_name not in controls:
         unload_adapter(pipe, attached.adapter_name)
     components = pipeline_components(pipe)
     for path, name in zip(paths, names):
-        if name in hra_adapters(pipe.unet):
+        if name in hra_adapters(denoiser):
             continue
         if name in controls:
-            load_control_adapter(pipe.unet, path, adapter_name=name)
+            load_control_adapter(denoiser, path, adapter_name=name)
         else:
             load_hra(components, path, adapter_name=name)
     for model in components.values():
@@ -162,9 +186,9 @@ def attach_adapters(
 
 def unload_adapter(pipe, name: str) -> None:
     """Remove adapter ``name`` from the pipeline, its control encoder too: for a file that changed or was deleted."""
-    encoder = control_encoder(pipe.unet)
+    encoder = control_encoder(denoiser_of(pipe))
     if encoder is not None and encoder.adapter_name == name:
-        detach_control(pipe.unet)
+        detach_control(denoiser_of(pipe))
     for model in pipeline_components(pipe).values():
         if name in hra_adapters(model):
             remove_hra(model, name)
@@ -224,9 +248,9 @@ def generate(
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
     control = nullcontext()
     if control_image is not None:
-        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        default = family_of(pipe).default_resolution(pipe)
         size = (width or default, height or default)
-        control = control_condition(pipe.unet, condition_tensor(control_image, size), control_scale)
+        control = control_condition(denoiser_of(pipe), condition_tensor(control_image, size), control_scale)
     with control, fp32_vae_decode(pipe):
         result = pipe(
             prompt=[prompt] * num_images,

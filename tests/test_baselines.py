@@ -13,10 +13,11 @@ from test_dreambooth import base_args, max_diff, ok, run_script
 
 from hra_diffusion.baselines import LORA_WEIGHT_NAME, OFT_FOLDER, add_adapter, find_trained, trained_parameters
 from hra_diffusion.checkpoint import WEIGHTS, Checkpoint
+from hra_diffusion.families import BY_NAME
 from hra_diffusion.train import read_request
 from hra_diffusion.train.checkpointing import load_trainable_state
 from hra_diffusion.train.loop import SETTINGS_FILE
-from training.dreambooth_hra import TEXT_ENCODER_TARGETS, DreamBoothSettings
+from training.dreambooth_hra import DreamBoothSettings
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def trained_models(model_dir: Path, out: Path):
     settings = DreamBoothSettings.from_values(read_request(out / SETTINGS_FILE))
     models = {"unet": UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"),
               "text_encoder": CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")}
-    configs = {"unet": settings.adapter_config(), "text_encoder": settings.adapter_config(TEXT_ENCODER_TARGETS)}
+    configs = {"unet": settings.adapter_config(), "text_encoder": settings.adapter_config(BY_NAME["sd"].text_targets)}
     step = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     weights = Checkpoint(out / f"checkpoint-{step}").tensors(WEIGHTS)
     for name, model in models.items():

@@ -10,8 +10,9 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
 from hra_diffusion import HRAConfig, add_hra, hra_adapters, read_hra_metadata, save_hra
-from hra_diffusion.diffusion import PromptEncoder, sdxl_time_ids
+from hra_diffusion.diffusion import PromptEncoder
 from hra_diffusion.export import export_lora, export_merged
+from hra_diffusion.families.sdxl import sdxl_time_ids
 from hra_diffusion.pipelines import (
     ModelNotFoundError,
     attach_adapters,
@@ -84,8 +85,8 @@ def test_sdxl_merged_export_loads_as_sdxl(tiny_sdxl, tmp_path):
 
 
 def test_other_pipeline_kinds_are_refused_clearly(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelNotFoundError, match=r"is a FluxPipeline.*SDXL"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(ModelNotFoundError, match=r"KandinskyV22Pipeline is not supported.*SDXL.*FLUX"):
         load_pipeline(tmp_path, device="cpu")
 
 

@@ -41,10 +41,11 @@ from hra_diffusion.control import (
 )
 from hra_diffusion.data import ControlDataset, collate_control
 from hra_diffusion.diffusion import PromptEncoder, denoising_loss, load_base
+from hra_diffusion.families import SUPPORTED_CONTROL
 from hra_diffusion.images import load_image
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
-from hra_diffusion.pipelines import generate, is_sdxl
+from hra_diffusion.pipelines import generate, pipeline_components
 from hra_diffusion.train import TrainingError, TrainResult, TrainSettings, TrainSpec, train
 from hra_diffusion.train.cli import run_cli
 from hra_diffusion.train.events import ProgressFile
@@ -286,21 +287,22 @@ def run(settings: ControlSettings, progress: ProgressFile) -> int:
     to_condition = maps if dataset.conditions is None else lambda image: image
     validation_conditions = [to_condition(image) for image in validation_sources]
 
-    pipe, noise_scheduler = load_base(
+    pipe, family, objective = load_base(
         settings.pretrained_model_name_or_path,
         device=accelerator.device,
         revision=settings.revision,
         variant=settings.variant,
     )
-    if is_sdxl(pipe):
+    if not family.control:
         raise TrainingError(
-            f"{settings.pretrained_model_name_or_path} is an SDXL model; control_hra.py trains SD 1.x/2.x control "
-            "adapters (SDXL personalization works: training/dreambooth_hra.py)"
+            f"{settings.pretrained_model_name_or_path} is a {family.title} model; control_hra.py trains control "
+            f"adapters for {SUPPORTED_CONTROL} (personalization works for every family: training/dreambooth_hra.py)"
         )
+    denoiser = getattr(pipe, family.denoiser)
     torch.manual_seed(settings.seed)  # the adapters' initial vectors depend on the seed alone
-    encoder = add_control(pipe.unet, config, pipe.vae_scale_factor)
+    encoder = add_control(denoiser, config, pipe.vae_scale_factor)
     counts = {
-        "hra": sum(p.numel() for p in hra_parameters(pipe.unet)),
+        "hra": sum(p.numel() for p in hra_parameters(denoiser)),
         "encoder": sum(p.numel() for p in encoder.parameters()),
     }
     if accelerator.is_main_process:
@@ -324,13 +326,13 @@ def run(settings: ControlSettings, progress: ProgressFile) -> int:
         return images
 
     def save(models: dict, path: Path, meta: dict) -> Path:
-        unet = models["unet"]
-        return save_control_adapter(unet, control_encoder(unet), path.with_name(CONTROL_FILE), metadata=meta)
+        trained = models[family.denoiser]
+        return save_control_adapter(trained, control_encoder(trained), path.with_name(CONTROL_FILE), metadata=meta)
 
     metadata = settings.adapter_metadata(
         "control_hra",
         accelerator.mixed_precision,
-        noise_scheduler.config.prediction_type,
+        objective.prediction_type,
         control_type=settings.control_type,
         canny_thresholds=thresholds if settings.control_type == "canny" else None,
         dataset=settings.train_data_dir or settings.dataset_name,
@@ -339,10 +341,10 @@ def run(settings: ControlSettings, progress: ProgressFile) -> int:
     spec = TrainSpec(
         dataset=dataset,
         collate_fn=collate_control,
-        models={"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae},
-        trainable=("unet",),
+        models={**pipeline_components(pipe), "vae": pipe.vae},
+        trainable=(family.denoiser,),
         # encoded per batch, not cached: a control set has as many captions as images
-        loss_fn=partial(denoising_loss, noise_scheduler=noise_scheduler, prompts=PromptEncoder(pipe, cache=False),
+        loss_fn=partial(denoising_loss, objective=objective, prompts=PromptEncoder(pipe, cache=False),
                         resolution=settings.resolution),
         validate=validate if validation_conditions and settings.num_validation_images > 0 else None,
         metadata=metadata,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""DreamBooth with HRA: teach Stable Diffusion (1.x, 2.x, SDXL) a subject from a few photos; the result is one adapter
-file.
+"""DreamBooth with HRA: teach a diffusion model (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, FLUX.1) a subject from a
+few photos; the result is one adapter file.
 
     accelerate launch training/dreambooth_hra.py \\
       --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 from hra_diffusion.baselines import LORA_WEIGHT_NAME, OFT_FOLDER, adapter_saver, add_adapter
 from hra_diffusion.data import DreamBoothDataset, collate_dreambooth
 from hra_diffusion.diffusion import PromptEncoder, denoising_loss, load_base
+from hra_diffusion.families import Family
 from hra_diffusion.images import require_images, scan_images
 from hra_diffusion.io import atomic_write
 from hra_diffusion.model_card import common_settings, sample_links, write_model_card
-from hra_diffusion.pipelines import fp32_vae_decode, generate, is_sdxl, pipeline_components
+from hra_diffusion.pipelines import fp32_vae_decode, generate, pipeline_components
 from hra_diffusion.train import ADAPTER_FILE, TrainingError, TrainResult, TrainSettings, TrainSpec, train
 from hra_diffusion.train.cli import run_cli
 from hra_diffusion.train.events import ProgressFile, Stopped
@@ -44,7 +45,6 @@ from hra_diffusion.train.runtime import DTYPES, STOP, make_accelerator, stop_agr
 from hra_diffusion.train.settings import SettingsError, inherit, option, parse
 
 logger = logging.getLogger("dreambooth_hra")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 GRID_FILE = "sample_grid.png"
 
 
@@ -177,7 +177,7 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def write_card(settings: DreamBoothSettings, result: TrainResult, n_photos: int, sdxl: bool) -> None:
+def write_card(settings: DreamBoothSettings, result: TrainResult, n_photos: int, family: Family) -> None:
     out = settings.output_path
     samples = ""
     if result.samples:
@@ -190,12 +190,12 @@ def write_card(settings: DreamBoothSettings, result: TrainResult, n_photos: int,
         samples = f'Samples at step {result.step}, prompt "{prompt}", seed {settings.seed}:\n\n{samples}'
     prior = f'{settings.num_class_images} images of "{settings.class_prompt}", weight {settings.prior_loss_weight}'
     base = settings.pretrained_model_name_or_path
-    what, files, usage, notes = _card_parts(settings, prompt)
+    what, files, usage, notes = _card_parts(settings, prompt, family.denoiser)
     write_model_card(
         out,
         base_model=base,
         front_matter={"instance_prompt": settings.instance_prompt},
-        tags=("text-to-image", "dreambooth", *(("stable-diffusion-xl",) if sdxl else ())),
+        tags=("text-to-image", "dreambooth", *family.tags),
         title=f'{what} DreamBooth: "{settings.instance_prompt}"',
         body=f"""{what} weights for `{base}`, trained with DreamBooth on {n_photos} photos: {files}. The base model's
 weights are untouched.
@@ -211,7 +211,7 @@ weights are untouched.
     )
 
 
-def _card_parts(settings: DreamBoothSettings, prompt: str) -> tuple[str, str, str, str]:
+def _card_parts(settings: DreamBoothSettings, prompt: str, denoiser: str) -> tuple[str, str, str, str]:
     """(method, what the files are, a usage snippet, notes) of the model card, per --adapter."""
     base = settings.pretrained_model_name_or_path
     if settings.adapter == "lora":
@@ -227,7 +227,7 @@ image = pipe("{prompt}").images[0]"""
 from peft import PeftModel
 
 pipe = DiffusionPipeline.from_pretrained("{base}")
-pipe.unet = PeftModel.from_pretrained(pipe.unet, "{OFT_FOLDER}/unet")
+pipe.{denoiser} = PeftModel.from_pretrained(pipe.{denoiser}, "{OFT_FOLDER}/{denoiser}")
 image = pipe("{prompt}").images[0]"""
         files = f"`{OFT_FOLDER}/<component>/`, peft OFT folders (block size {settings.oft_block_size})"
         return "OFT", files, usage, "Trained by HRA Studio as a baseline, with the same loop and data as its HRA runs."
@@ -247,21 +247,21 @@ hra_diffusion.convert` exports one that it can."""
 
 
 def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
-    unet_config = settings.adapter_config()
-    text_config = settings.adapter_config(TEXT_ENCODER_TARGETS)
     photos = require_images(settings.instance_data_dir)  # fail on unusable photos before loading gigabytes of model
     accelerator = make_accelerator(settings)
 
-    pipe, noise_scheduler = load_base(
+    pipe, family, objective = load_base(
         settings.pretrained_model_name_or_path,
         device=accelerator.device,
         revision=settings.revision,
         variant=settings.variant,
         vae=settings.pretrained_vae_model_name_or_path,
+        flow=settings.flow_options(),
     )
-    sdxl = is_sdxl(pipe)
     if settings.resolution is None:  # the size the model was trained at, as diffusers' pipelines default to
-        settings.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        settings.resolution = family.default_resolution(pipe)
+    if settings.hra_target_modules is None:
+        settings.hra_target_modules = ",".join(family.default_targets)
     prior = settings.with_prior_preservation
     if prior:
         generate_class_images(pipe, settings, accelerator, settings.seed)
@@ -281,12 +281,15 @@ def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
     )
 
     models = {**pipeline_components(pipe), "vae": pipe.vae}
-    text_encoders = tuple(name for name in models if name.startswith("text_encoder"))
-    trainable = ("unet", *text_encoders) if settings.train_text_encoder else ("unet",)
-    configs = {"unet": unet_config, "text_encoder": text_config, "text_encoder_2": text_config}
-    if sdxl:  # SDXL reads text_encoder's penultimate states: its last layer never reaches the UNet, so adapt none of it
-        last = models["text_encoder"].config.num_hidden_layers - 1
-        configs["text_encoder"] = dataclasses.replace(text_config, exclude_modules=rf".*\.layers\.{last}\..*")
+    text_encoders = [name for name in family.trainable_text_encoders if name in models]
+    trainable = (family.denoiser, *text_encoders) if settings.train_text_encoder else (family.denoiser,)
+    text_config = settings.adapter_config(family.text_targets)
+    excludes = family.text_excludes(models)
+    configs = {family.denoiser: settings.adapter_config()}
+    for name in text_encoders:
+        configs[name] = dataclasses.replace(text_config, exclude_modules=excludes[name]) if name in excludes else (
+            text_config
+        )
     torch.manual_seed(settings.seed)  # the adapters' initial vectors depend on the seed alone
     try:
         for name in trainable:
@@ -303,13 +306,13 @@ def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
             steps=settings.num_validation_inference_steps,
             height=settings.resolution,
             width=settings.resolution,
-            scheduler="dpm",
+            scheduler=family.sample_scheduler,
         )
 
     metadata = settings.adapter_metadata(
         "dreambooth_hra",
         accelerator.mixed_precision,
-        noise_scheduler.config.prediction_type,
+        objective.prediction_type,
         instance_prompt=settings.instance_prompt,
         class_prompt=settings.class_prompt if prior else None,
         prior_loss_weight=settings.prior_loss_weight if prior else None,
@@ -323,7 +326,7 @@ def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
         trainable=trainable,
         loss_fn=partial(
             denoising_loss,
-            noise_scheduler=noise_scheduler,
+            objective=objective,
             prompts=PromptEncoder(pipe, cache=not settings.train_text_encoder),
             resolution=settings.resolution,
             prior_loss_weight=settings.prior_loss_weight if prior else None,
@@ -331,8 +334,8 @@ def run(settings: DreamBoothSettings, progress: ProgressFile) -> int:
         validate=validate if settings.num_validation_images > 0 else None,
         metadata=metadata,
         save_adapter=adapter_saver(settings.adapter, type(pipe), settings.pretrained_model_name_or_path),
-        finish=lambda result: write_card(settings, result, len(photos), sdxl),
-        keep_fp32=("vae",) if sdxl and settings.pretrained_vae_model_name_or_path is None else (),  # fp16 overflows it
+        finish=lambda result: write_card(settings, result, len(photos), family),
+        keep_fp32=("vae",) if family.vae_fp32 and settings.pretrained_vae_model_name_or_path is None else (),
     )
     train(accelerator, settings, spec, progress)
     return 0

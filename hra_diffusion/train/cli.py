@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from ..diffusion import UnsupportedModelError
+from ..families import UnknownFamilyError, UnsupportedModelError
 from ..hub import HubError
 from ..images import ImageError
 from ..io import AdapterFileError, AdapterMismatchError
@@ -20,6 +20,7 @@ USER_ERRORS = (
     TrainingError,
     ModelNotFoundError,
     UnsupportedModelError,
+    UnknownFamilyError,
     ImageError,
     AdapterFileError,
     AdapterMismatchError,

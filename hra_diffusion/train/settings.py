@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 
 from ..baselines import ADAPTER_KINDS, BaselineConfig
 from ..cli import HelpFormatter
-from ..config import GS_FORMS, HRAConfig
+from ..config import DEFAULT_TARGETS, GS_FORMS, HRAConfig
+from ..families.objectives import WEIGHTING_SCHEMES, FlowOptions
 from ..io import atomic_write
 from .errors import TrainingError
 
@@ -86,9 +87,21 @@ class TrainSettings:
                               "starts away from the base model")
     hra_lambda: float = option(0.0, group="HRA adapter", range=(0.0, 1e6),
                                help="weight of the orthogonality regularizer")
-    hra_target_modules: str = option("to_q,to_k,to_v,to_out.0", group="HRA adapter",
-                                     help="comma-separated module-name suffixes, or one regex matched in full "
-                                     "against module paths")
+    hra_target_modules: str | None = option(None, group="HRA adapter",
+                                            help="comma-separated module-name suffixes, or one regex matched in full "
+                                            "against module paths (default: the model family's: to_q,to_k,to_v,"
+                                            "to_out.0 for SD/SDXL UNets; SD3 and FLUX add the text stream's "
+                                            "add_q_proj,add_k_proj,add_v_proj,to_add_out)")
+
+    weighting_scheme: str | None = option(None, group="flow matching (SD3, FLUX)", choices=WEIGHTING_SCHEMES,
+                                          help="timestep density and loss weighting, as diffusers' SD3/FLUX scripts "
+                                          "(default: the family's: logit_normal for SD3, none for FLUX)")
+    logit_mean: float = option(0.0, group="flow matching (SD3, FLUX)", range=(-10.0, 10.0),
+                               help="mean of the logit_normal density")
+    logit_std: float = option(1.0, group="flow matching (SD3, FLUX)", range=(1e-3, 10.0),
+                              help="standard deviation of the logit_normal density")
+    mode_scale: float = option(1.29, group="flow matching (SD3, FLUX)", range=(-10.0, 10.0),
+                               help="scale of the mode density")
 
     adapter: str = option("hra", group="adapter", choices=ADAPTER_KINDS,
                           help="hra (ours), or a baseline from peft trained by the same loop on the same layers: lora "
@@ -190,6 +203,8 @@ class TrainSettings:
     def target_modules(self) -> tuple[str, ...] | str:
         """--hra_target_modules: a regex if it has regex syntax beyond dots, else a comma list of suffixes."""
         spec = self.hra_target_modules
+        if spec is None:  # filled in from the model's family once it is loaded (checks before that see the default)
+            return DEFAULT_TARGETS
         if re.search(r"[*+?|()\[\]^$\\{}]", spec):
             try:
                 re.compile(spec)
@@ -200,6 +215,12 @@ class TrainSettings:
         if not names:
             raise SettingsError("--hra_target_modules is empty")
         return names
+
+    def flow_options(self) -> FlowOptions | None:
+        """The flow-matching options asked for, or None for the family's defaults."""
+        if self.weighting_scheme is None:
+            return None
+        return FlowOptions(self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale)
 
     def adapter_config(self, targets: tuple[str, ...] | str | None = None) -> HRAConfig | BaselineConfig:
         """The adapter --adapter asks for, on --hra_target_modules (or ``targets``: the text encoder's)."""
