@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("hra_data"), help="jobs, adapters, models, uploads")
     parser.add_argument(
         "--base-model",
-        help="a Stable Diffusion 1.x/2.x or SDXL hub id or local diffusers folder; default: the demo world (a small "
-        "model trained on toy pictures, in assets/)",
+        help="a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 hub id or local diffusers folder; default: the demo "
+        "world (a small model trained on toy pictures, in assets/)",
     )
     parser.add_argument(
         "--auth",

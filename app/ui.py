@@ -37,13 +37,14 @@ WORLD_NOTE = (
     "**Demo world.** No base model was given, so HRA Studio runs its demo world: a small Stable Diffusion trained "
     "from nothing on toy pictures (balls, cubes, cups, toys, houses and dogs in eight scenes, 64 px), so you can "
     "watch HRA learn a subject on a laptop. Pick a demo subject below and press Start training; the samples turn "
-    "into it within a few minutes. For real pictures start it with a Stable Diffusion 1.x/2.x or SDXL model: "
+    "into it within a few minutes. For real pictures start it with a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or "
+    "FLUX.1 model: "
     "`python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or `--base-model /path/to/folder`."
 )
 DEMO_NOTE = (
     "**Demo model.** No base model was given, so HRA Studio runs a tiny built-in model with random weights: "
-    "everything works (training, stopping, adapters, exports) but it draws noise. For real pictures start it with a "
-    "Stable Diffusion 1.x/2.x model: `python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or "
+    "everything works (training, stopping, adapters, exports) but it draws noise. For real pictures start it with "
+    "a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 model: `python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or "
     "`--base-model /path/to/diffusers/folder`."
 )
 

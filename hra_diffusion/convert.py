@@ -36,7 +36,7 @@ def convert(
     target = fmt.target(out)
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise FileExistsError(f"{target} already exists; choose another OUT (or delete it first)")
-    pipe = load_pipeline(base_model, device="cpu")  # SD 1.x/2.x or SDXL; clear errors for missing models
+    pipe = load_pipeline(base_model, device="cpu")  # any supported family; clear errors for missing models
     components = pipeline_components(pipe)
     load_hra(components, source, adapter_name)
     adapted = {comp: model for comp, model in components.items() if hra_adapters(model)}

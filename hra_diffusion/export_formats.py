@@ -1,7 +1,7 @@
 """The export formats, defined once: the convert command's ``--to``, the app's downloads and docs/export.md's table
 all read :data:`EXPORT_FORMATS`, so they cannot disagree about what exists or what each one writes.
 
-Every writer takes the pipeline with the adapter loaded and writes every part of it (UNet and text encoders).
+Every writer takes the pipeline with the adapter loaded and writes every part of it (denoiser and text encoders).
 """
 
 from __future__ import annotations
@@ -93,13 +93,13 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
         ),
         ExportFormat(
             "lora-diffusers",
-            "exact LoRA file, diffusers keys: pipe.load_lora_weights",
+            "exact LoRA file, diffusers keys: pipe.load_lora_weights; ComfyUI reads it for SD3 and FLUX.1",
             "lora_diffusers.safetensors",
             _lora_writer("diffusers"),
         ),
         ExportFormat(
             "lora-kohya",
-            "exact LoRA file, kohya keys: ComfyUI, A1111 / Forge, anything reading kohya LoRA",
+            "exact LoRA file, kohya keys (SD 1.x/2.x, SDXL): ComfyUI, A1111 / Forge, anything reading kohya LoRA",
             "lora_kohya.safetensors",
             _lora_writer("kohya"),
         ),

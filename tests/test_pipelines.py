@@ -41,3 +41,44 @@ def test_missing_model_is_explained(tmp_path):
         load_pipeline(tmp_path)
     with pytest.raises(ModelNotFoundError, match="could not be downloaded"):
         load_pipeline("no-such-user/no-such-model-hra-test")
+
+
+def test_hub_reachable_tells_an_open_port_from_a_closed_one():
+    import socket
+
+    from hra_diffusion.pipelines import hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert hub_reachable(f"http://127.0.0.1:{port}")
+    assert not hub_reachable(f"http://127.0.0.1:{port}", timeout=1)
+
+
+def test_without_a_network_a_hub_id_fails_at_once_or_loads_from_the_cache(tmp_path, monkeypatch):
+    """Offline, an uncached hub id used to cost 30 s of retries; now it fails at once, and a cached one is loaded
+    with local_files_only instead of being retried."""
+    import time
+
+    from huggingface_hub import constants
+
+    import hra_diffusion.pipelines as pipelines
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setattr(pipelines, "hub_reachable", lambda endpoint: False)
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match="cannot be reached.*not in the local Hugging Face cache"):
+        load_pipeline("some-user/some-model")
+    assert time.monotonic() - start < 2
+    snapshot = tmp_path / "models--some-user--some-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (tmp_path / "models--some-user--some-model" / "refs").mkdir()
+    (tmp_path / "models--some-user--some-model" / "refs" / "main").write_text("abc123")
+    assert pipelines._hub_options("some-user/some-model", None) == {"local_files_only": True}
+    monkeypatch.setattr(pipelines, "hub_reachable", lambda endpoint: True)
+    assert pipelines._hub_options("some-user/other-model", None) == {}

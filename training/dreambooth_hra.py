@@ -58,8 +58,8 @@ class DreamBoothSettings(TrainSettings):
                                    "same-name .txt/.caption file exists")
     center_crop: bool = option(False, group="subject", help="center crop (default: random crop)")
     random_flip: bool = option(False, group="subject", help="random horizontal flips")
-    train_text_encoder: bool = option(False, group="subject", help="also put HRA on the text encoders' "
-                                      "q_proj/k_proj/v_proj/out_proj (SDXL: both encoders)")
+    train_text_encoder: bool = option(False, group="subject", help="also put HRA on the CLIP text encoders' "
+                                      "q_proj/k_proj/v_proj/out_proj (SDXL and SD3: both; T5 stays frozen)")
     pretrained_vae_model_name_or_path: str | None = option(
         None, group="subject",
         help="another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE is kept in fp32 instead)")
@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, object]] = {
 
 def parse_args(argv: list[str] | None = None) -> DreamBoothSettings:
     return parse(DreamBoothSettings, argv, presets=PRESETS,
-                 description="DreamBooth with HRA adapters for Stable Diffusion 1.x/2.x and SDXL.")
+                 description="DreamBooth with HRA adapters for Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and FLUX.1.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
