@@ -44,7 +44,8 @@ WORLD_NOTE = (
 DEMO_NOTE = (
     "**Demo model.** No base model was given, so HRA Studio runs a tiny built-in model with random weights: "
     "everything works (training, stopping, adapters, exports) but it draws noise. For real pictures start it with "
-    "a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 model: `python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or "
+    "a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 model: "
+    "`python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or "
     "`--base-model /path/to/diffusers/folder`."
 )
 
