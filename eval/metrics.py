@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import cv2
-import lpips
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,6 +57,8 @@ class DINOScorer:
 
     def __init__(self, model: str = "facebook/dino-vits16", device: str | torch.device | None = None,
                  batch_size: int = 32) -> None:
+        from transformers import AutoImageProcessor, AutoModel  # the scorers' libraries load when used, not on --help
+
         self.device = resolve_device(device)
         self.batch_size = batch_size
         folder = Path(model)
@@ -116,6 +115,8 @@ class CLIPScorer:
         if (Path(model) / "config.json").is_file():
             self._load_transformers(Path(model))
             return
+        import open_clip
+
         quick_gelu = bool(pretrained) and open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False)
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -203,6 +204,8 @@ class LPIPSScorer:
         self.device = resolve_device(device)
         self.size = size
         self.batch_size = batch_size
+        import lpips
+
         with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
             warnings.filterwarnings("ignore", message=".*(pretrained|weights).*", category=UserWarning)
             try:

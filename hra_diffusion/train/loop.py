@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from accelerate import skip_first_batches
 from accelerate.utils import gather_object
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -166,6 +165,8 @@ class _Run:
                           or DEFAULT_STEPS)
         self.validation_steps = (settings.validation_epochs * self.updates_per_epoch if settings.validation_epochs
                                  else settings.validation_steps)
+        from diffusers.optimization import get_scheduler  # diffusers costs a second to import: not for --help
+
         # Not passed to accelerate.prepare (which would step it once per process); checkpoints save it themselves.
         lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer=optimizer.optimizer,
                                      num_warmup_steps=settings.lr_warmup_steps, num_training_steps=self.max_steps,
