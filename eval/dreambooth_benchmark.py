@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import shlex
 import subprocess
@@ -176,7 +177,11 @@ def trainer_command(args: argparse.Namespace, request: Path, progress: Path | No
     """The command that trains on a request file (--train_extra_args still override it)."""
     if args.train_launcher == "accelerate":
         python, *script = trainer_argv(str(TRAINER), request, progress_file=progress)
-        command = [python, "-m", "accelerate.commands.launch", *script]
+        # everything accelerate would otherwise guess, with a warning per subject; the request's precision rules
+        precision = json.loads(request.read_text()).get("mixed_precision") or "no"
+        launch = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", precision,
+                  "--dynamo_backend", "no"]
+        command = [python, "-m", "accelerate.commands.launch", *launch, *script]
     else:
         command = trainer_argv("training.dreambooth_hra", request, progress_file=progress)
     return command + shlex.split(args.train_extra_args)

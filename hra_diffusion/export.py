@@ -1,7 +1,8 @@
 """Exports for the tools people already use: peft HRA folders, exact LoRA files, merged checkpoints.
 
-- peft: the raw vectors in peft's layout, for ``PeftModel.from_pretrained`` (plain HRA only: peft's Gram-Schmidt
-  variant is a different operator, see ``export_peft``).
+- peft: the raw vectors in peft's layout, for ``PeftModel.from_pretrained``: plain HRA, and the paper's strictly
+  orthogonal form (gs_form="paper", peft's apply_GS); our default identity-start strictly orthogonal form has no
+  peft equivalent, see ``export_peft``.
 - LoRA: an HRA layer computes with W H = W + (-(W V S)) V^T, a rank-k update, so the LoRA pair down = V^T,
   up = -(W V S) with alpha = k reproduces the adapter exactly in every LoRA loader (diffusers, ComfyUI, A1111).
   It bakes in the base weights W it was computed from.

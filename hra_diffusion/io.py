@@ -299,7 +299,7 @@ def _read_peft_folder(path: Path) -> tuple[dict[str, Any], str, Callable[[str], 
 
     Target paths and r come from the tensors; the part is named from peft's auto_mapping (else: text_encoder when
     every path is in text_model, unet otherwise). Odd r gets init="random" (peft's own fallback; the values are
-    overwritten anyway).
+    overwritten anyway); apply_GS=True is our gs_form="paper", the same operator.
     """
     try:
         peft_config = json.loads((path / PEFT_CONFIG).read_text())
@@ -311,12 +311,6 @@ def _read_peft_folder(path: Path) -> tuple[dict[str, Any], str, Callable[[str], 
     if peft_type != "HRA":
         raise AdapterFileError(
             f"{path} is a peft {peft_type} adapter, not HRA. LoRA folders load with diffusers' load_lora_weights."
-        )
-    if peft_config.get("apply_GS"):
-        raise AdapterFileError(
-            f"{path} was trained with peft's apply_GS=True: H = I - 2QQ^T (one reflection of an r-dim subspace, never "
-            "the identity), a different operator from HRA Studio's strictly orthogonal adapters. Loading it here "
-            "would change the model; use it with peft itself (PeftModel.from_pretrained)."
         )
     weights = path / PEFT_WEIGHTS
     if not weights.is_file():
@@ -349,7 +343,10 @@ def _read_peft_folder(path: Path) -> tuple[dict[str, Any], str, Callable[[str], 
         comp = _class_component(cls)
     else:
         comp = "text_encoder" if all(p.startswith("text_model.") for p in paths) else "unet"
-    config = HRAConfig(r=r, target_modules=tuple(paths), init="random" if r % 2 else "identity")
+    if peft_config.get("apply_GS"):  # peft's I - 2QQ^T is exactly our gs_form="paper", which starts off the identity
+        config = HRAConfig(r=r, target_modules=tuple(paths), apply_GS=True, gs_form="paper", init="random")
+    else:
+        config = HRAConfig(r=r, target_modules=tuple(paths), init="random" if r % 2 else "identity")
     layers = {p: [None, tensors[f"{p}.hra_u"].shape[0]] for p in paths}
     return {comp: {"config": json.loads(config.to_json()), "layers": layers}}, "default", lambda _comp: tensors
 

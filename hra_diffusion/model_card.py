@@ -25,7 +25,7 @@ def common_settings(settings: Any, steps: int) -> dict[str, Any]:
         "lr scheduler": settings.lr_scheduler,
         "batch size x accumulation": f"{settings.train_batch_size} x {settings.gradient_accumulation_steps}",
         "HRA r": settings.hra_r,
-        "strictly orthogonal (GS)": settings.hra_apply_GS,
+        "strictly orthogonal (GS)": (f"yes, {settings.hra_gs_form} form" if settings.hra_apply_GS else "no"),
         "orthogonality lambda": settings.hra_lambda,
         "target modules": settings.hra_target_modules,
         "mixed precision": settings.mixed_precision or "no",

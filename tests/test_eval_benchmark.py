@@ -199,8 +199,9 @@ def test_trainer_command_uses_the_paper_settings(bench):
     args = benchmark.parse_args(bench.args(bench.root / "out"))
     request = write_request(benchmark.trainer_request(args, dog), bench.root / "dog.json")
     command = benchmark.trainer_command(args, request)
-    assert command[:4] == [sys.executable, "-m", "accelerate.commands.launch", str(benchmark.TRAINER)]
-    parsed = trainer_args(command[4:])  # the trainer accepts every flag we pass
+    launch = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    assert command[:12] == [sys.executable, "-m", "accelerate.commands.launch", *launch, str(benchmark.TRAINER)]
+    parsed = trainer_args(command[12:])  # the trainer accepts every flag we pass
     assert parsed.instance_prompt == "a photo of qwe dog" and parsed.class_prompt == "a photo of dog"
     assert parsed.with_prior_preservation and parsed.num_class_images == 200
     assert parsed.class_data_dir == str(bench.root / "out" / "class_images" / "dog")

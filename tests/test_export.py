@@ -19,7 +19,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from hra_diffusion import (
-    AdapterFileError,
     AdapterMismatchError,
     HRAConfig,
     hra_adapters,
@@ -126,7 +125,9 @@ def test_peft_trained_adapter_loads_identically(tiny_unet, tmp_path, r):
             load_hra(other_unet(), tmp_path / "peft")
 
 
-def test_gs_adapters_refuse_peft_both_ways(tiny_unet, tmp_path):
+def test_identity_start_gs_is_refused_by_peft_and_peft_apply_gs_loads_as_the_paper_form(tiny_unet, tmp_path):
+    """Our default strictly orthogonal form has no peft twin, so exporting it is refused; peft's apply_GS folder is
+    the paper's I - 2QQ^T and loads as gs_form="paper", computing what peft computes."""
     from peft import HRAConfig as PeftHRAConfig
     from peft import get_peft_model
 
@@ -134,11 +135,18 @@ def test_gs_adapters_refuse_peft_both_ways(tiny_unet, tmp_path):
     with pytest.raises(ValueError, match="different operator.*export_lora"):
         export_peft(unet, tmp_path / "ours")
     assert not list(tmp_path.iterdir())
-    get_peft_model(tiny_unet(), PeftHRAConfig(r=2, apply_GS=True, target_modules=["to_q"])).save_pretrained(
-        tmp_path / "theirs"
-    )
-    with pytest.raises(AdapterFileError, match="apply_GS=True"):
-        load_hra(tiny_unet(), tmp_path / "theirs")
+    theirs = get_peft_model(tiny_unet(), PeftHRAConfig(r=2, apply_GS=True, target_modules=["to_q"]))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "hra_u" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_hra(tiny_unet(), tmp_path / "theirs")
+    (config,) = hra_adapters(ours).values()
+    assert config.apply_GS and config.gs_form == "paper"
+    expected = unet_out(theirs)
+    assert_rel(unet_out(ours), expected)
+    assert (expected - unet_out(tiny_unet())).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])

@@ -33,5 +33,6 @@ def test_common_settings_take_the_run_values(tmp_path):
                              hra_apply_GS=True, hra_lambda=1e-4, hra_target_modules="to_q", seed=3,
                              learning_rate=5e-4, train_batch_size=2, gradient_accumulation_steps=4)
     rows = common_settings(settings, steps=100)
-    assert rows["steps"] == 100 and rows["HRA r"] == 6 and rows["strictly orthogonal (GS)"] is True
+    assert rows["steps"] == 100 and rows["HRA r"] == 6
+    assert rows["strictly orthogonal (GS)"] == "yes, identity_start form"
     assert rows["batch size x accumulation"] == "2 x 4" and rows["learning rate"] == 5e-4 and rows["seed"] == 3
