@@ -8,6 +8,7 @@ import ast
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from adapter_helpers import adapted, assert_rel
@@ -275,3 +276,37 @@ def test_dreambooth_trains_and_resumes_exactly(request, name, tmp_path):
     before = latents(pipe, name)
     attach_adapters(pipe, [straight / "hra_adapter.safetensors"])
     assert (latents(pipe, name) - before).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW)
+def test_the_app_runs_on_the_family(request, name, tmp_path):
+    """The app with an SD3 / FLUX base: its form defaults to the model's size, it trains a subject with the page's
+    request, generates with the result, and downloads it as a diffusers LoRA the family's pipeline reads."""
+    import time
+
+    from app.studio import Studio
+    from app.training_service import TrainForm
+
+    model = request.getfixturevalue(FIXTURES[name])
+    studio = Studio(tmp_path / "data", base_model=str(model), warm=False)
+    try:
+        pipe = load_pipeline(model, device="cpu")
+        assert studio.defaults().resolution == BY_NAME[name].default_resolution(pipe)
+        photos = sorted((ROOT / "tests" / "fixtures" / "subjects" / "dog").glob("*.jpg"))
+        form = TrainForm(steps=3, resolution=32, learning_rate=3e-3, preview_steps=2)
+        job = studio.train(photos, form)
+        deadline = time.monotonic() + 300
+        while (job := studio.job_status(job["id"]))["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["status"] == "done", job
+        (adapter,) = [a["name"] for a in studio.list_adapters()]
+        kwargs = dict(seed=0, steps=2, guidance=GUIDANCE[name])
+        base = np.asarray(studio.generate("a photo of sks dog", **kwargs)[0], dtype=float)
+        tuned = np.asarray(studio.generate("a photo of sks dog", adapter=adapter, **kwargs)[0], dtype=float)
+        assert np.abs(tuned - base).max() > 0
+        lora = studio.export_adapter(adapter, "lora-diffusers")
+        pipe.load_lora_weights(str(lora))
+    finally:
+        studio.close()
