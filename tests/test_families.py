@@ -256,12 +256,18 @@ def test_file_round_trip_strength_and_exports(request, name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
 def test_dreambooth_trains_and_resumes_exactly(request, name, tmp_path):
-    """DreamBooth with the CLIP encoders trained: 4 steps straight == 2, stop, resume, 2 more (flow matching's
-    timestep density and noise replay), and the adapter changes what the pipeline draws."""
+    """DreamBooth with the CLIP encoders trained, prior preservation, bf16 and a validation sample: 4 steps straight
+    == 2, stop, resume, 2 more (flow matching's timestep density and noise replay), and the adapter changes what the
+    pipeline draws."""
     model = request.getfixturevalue(FIXTURES[name])
-    common = dict(train_text_encoder=True, learning_rate=3e-3, gradient_accumulation_steps=2)
+    common = dict(train_text_encoder=True, learning_rate=3e-3, gradient_accumulation_steps=2, mixed_precision="bf16",
+                  with_prior_preservation=True, class_prompt="a photo of dog", num_class_images=2,
+                  num_class_inference_steps=2, class_data_dir=tmp_path / "class")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    ok(run_script(base_args(model, straight, max_train_steps=4, checkpointing_steps=100, **common)))
+    ok(run_script(base_args(model, straight, max_train_steps=4, checkpointing_steps=100, num_validation_images=1,
+                            num_validation_inference_steps=2, **common)))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert f"- {BY_NAME[name].tags[0]}" in (straight / "README.md").read_text()
     ok(run_script(base_args(model, split, max_train_steps=2, checkpointing_steps=2, **common)))
     ok(run_script(base_args(model, split, max_train_steps=4, checkpointing_steps=100,
                             resume_from_checkpoint="latest", **common)))
