@@ -13,6 +13,7 @@ import pytest
 import torch
 from adapter_helpers import adapted, assert_rel
 from test_dreambooth import adapter_tensors, base_args, events, max_diff, ok, run_script
+from test_householder import dense_reflections
 
 from hra_diffusion import HRAConfig, add_hra, hra_adapters, hra_layers, hra_parameters, read_hra_metadata, save_hra
 from hra_diffusion.diffusion import PromptEncoder
@@ -211,10 +212,7 @@ def test_identity_at_start_and_dense_reference_on_every_adapted_layer(request, n
             p.add_(0.3 * torch.randn(p.shape, generator=gen) * p.norm(dim=0, keepdim=True))
     for _, layer in hra_layers(denoiser):
         u = layer.hra_u["default"].detach().double()
-        h = torch.eye(u.shape[0], dtype=torch.float64)
-        for i in range(u.shape[1]):
-            col = u[:, i : i + 1]
-            h = h @ (torch.eye(u.shape[0], dtype=torch.float64) - 2 * col @ col.T / (col.T @ col))
+        h = dense_reflections(u)
         x = torch.randn(3, u.shape[0], generator=gen)
         bias = layer.base_layer.bias
         expected = x.double() @ (layer.base_layer.weight.double() @ h).T

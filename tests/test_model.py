@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_householder import dense_reflections
 from torch import nn
 
 from hra_diffusion import (
@@ -84,11 +85,7 @@ def test_trained_adapter_matches_dense_reference_on_unet(tiny_unet):
     modules = dict(reference.named_modules())
     with torch.no_grad():
         for path, layer in hra_layers(unet):
-            u = layer.hra_u["default"].detach().double()
-            h = torch.eye(u.shape[0], dtype=torch.float64)
-            for i in range(u.shape[1]):
-                c = u[:, i : i + 1]
-                h = h @ (torch.eye(u.shape[0], dtype=torch.float64) - 2 * c @ c.T / (c.T @ c))
+            h = dense_reflections(layer.hra_u["default"].detach().double())
             modules[path].weight.copy_(modules[path].weight @ h)
         expected = reference(*(t.double() if t.is_floating_point() else t for t in inputs)).sample
     assert (ours.double() - expected).abs().max() > 0 and (expected - run(tiny_unet(), inputs)).abs().max() > 1e-3
