@@ -20,6 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import HRAConfig
+from .control import (
+    CONTROL_ENCODER_FILE,
+    CONTROL_FILE,
+    ENCODER_ATTR,
+    control_encoder,
+    detach_control,
+    load_control_encoder,
+)
 from .io import ADAPTER_FILE, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, atomic_folder, atomic_write
 from .model import add_hra
 
@@ -131,14 +139,17 @@ def adapter_saver(kind: str, pipeline_class: type, base_model: str) -> Callable 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Trained results, for evaluation: find them in a trainer's output folder, put them on a pipeline, take them off
+# Trained results, for evaluation: find them in a trainer's output folder, put them on a pipeline, take them off.
+# A control run leaves the same files plus its hint encoder: inside the HRA file (control.CONTROL_FILE), or beside
+# the LoRA file / OFT folder (control.CONTROL_ENCODER_FILE).
 
 
 def find_trained(output_dir: str | os.PathLike) -> Path | None:
-    """What a trainer wrote in ``output_dir``: the HRA file, the LoRA file or the OFT folder (None: nothing yet)."""
+    """What a trainer wrote in ``output_dir``: the HRA file (DreamBooth or control), the LoRA file or the OFT folder
+    (None: nothing yet)."""
     out = Path(output_dir)
-    return next((path for path in (out / ADAPTER_FILE, out / LORA_WEIGHT_NAME, out / OFT_FOLDER) if path.exists()),
-                None)
+    candidates = (out / ADAPTER_FILE, out / CONTROL_FILE, out / LORA_WEIGHT_NAME, out / OFT_FOLDER)
+    return next((path for path in candidates if path.exists()), None)
 
 
 def trained_kind(path: Path) -> str:
@@ -146,23 +157,35 @@ def trained_kind(path: Path) -> str:
     return "lora" if path.name == LORA_WEIGHT_NAME else "oft" if path.is_dir() else "hra"
 
 
+def encoder_beside(path: Path) -> Path | None:
+    """The hint encoder file a LoRA/OFT control run wrote beside ``path`` (None: not a baseline control run)."""
+    encoder = path.parent / CONTROL_ENCODER_FILE
+    return encoder if trained_kind(path) != "hra" and encoder.is_file() else None
+
+
 def trained_parameters(path: Path) -> int:
-    """Numbers trained in a saved result (HRA: the vectors, not the frozen start vectors of GS adapters)."""
+    """Numbers trained in a saved result, a control run's hint encoder included (HRA: the vectors, not the frozen
+    start vectors of GS adapters)."""
     from safetensors import safe_open
 
     kind = trained_kind(path)
     files = [path] if kind in ("hra", "lora") else sorted(path.glob(f"*/{PEFT_WEIGHTS}"))
+    encoder = encoder_beside(path)
     total = 0
-    for file in files:
+    for file in [*files, *([encoder] if encoder else [])]:
         with safe_open(str(file), framework="pt") as handle:
-            keys = [key for key in handle.keys() if kind != "hra" or key.endswith(".hra_u")]
+            keys = [key for key in handle.keys()
+                    if kind != "hra" or key.endswith(".hra_u") or key.startswith(f"{ENCODER_ATTR}.")]
             total += sum(math.prod(handle.get_slice(key).get_shape()) for key in keys)
     return total
 
 
 def attach_trained(pipe, path: Path, name: str) -> None:
     """Make ``pipe`` draw with one trained result, through each kind's own loader: ours, diffusers'
-    ``load_lora_weights``, peft's config and weight loaders for OFT. Call :func:`detach_trained` first."""
+    ``load_lora_weights``, peft's config and weight loaders for OFT; a control run's hint encoder too, so that
+    ``generate(pipe, ..., control_image=...)`` follows conditions. Call :func:`detach_trained` first."""
+    from .pipelines import pipeline_components
+
     kind = trained_kind(path)
     if kind == "hra":
         from .pipelines import attach_adapters
@@ -171,8 +194,6 @@ def attach_trained(pipe, path: Path, name: str) -> None:
     elif kind == "lora":
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     else:
-        from .pipelines import pipeline_components
-
         peft = _peft()
 
         components = pipeline_components(pipe)
@@ -181,10 +202,15 @@ def attach_trained(pipe, path: Path, name: str) -> None:
             peft.inject_adapter_in_model(peft.PeftConfig.from_pretrained(str(folder)), model)
             weights = peft.utils.load_peft_weights(str(folder), device=str(model.device))
             peft.set_peft_model_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()})
+    encoder = encoder_beside(path)
+    if encoder is not None:
+        from .families import denoiser_of
+
+        load_control_encoder(denoiser_of(pipe), encoder)
 
 
 def detach_trained(pipe) -> None:
-    """Take every adapter of any kind off ``pipe``'s models: the base model again."""
+    """Take every adapter of any kind off ``pipe``'s models, hint encoders included: the base model again."""
     from .model import remove_hra
     from .pipelines import pipeline_components
 
@@ -192,6 +218,8 @@ def detach_trained(pipe) -> None:
         pipe.unload_lora_weights()
     tuner_layer = _peft().tuners.tuners_utils.BaseTunerLayer
     for model in pipeline_components(pipe).values():
+        if control_encoder(model) is not None:
+            detach_control(model)
         remove_hra(model)
         for path, module in list(model.named_modules()):
             if isinstance(module, tuner_layer):

@@ -14,6 +14,9 @@ Typical use::
     with control_condition(unet, batch["conditioning_pixel_values"]):
         noise_pred = unet(noisy_latents, timesteps, text_embeddings).sample
     save_control_adapter(unet, encoder, "canny.safetensors")
+
+LoRA and OFT control adapters (the baselines, hra_diffusion.baselines) are trained the same way; their UNet part is
+saved in its own format and the encoder beside it by :func:`save_control_encoder`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +34,23 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from .images import to_tensor
-from .io import AdapterFileError, load_hra, read_extra_tensors, read_hra_metadata, save_hra
+from .io import AdapterFileError, atomic_write, load_hra, read_extra_tensors, read_hra_metadata, save_hra
 
 PAPER_CHANNELS = (16, 32, 96, 256)
 CONTROL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
 CONTROL_KIND = "control"
 ENCODER_ATTR = "control_encoder"  # submodule name on the UNet, and key prefix / metadata key in adapter files
+CONTROL_FILE = "hra_control.safetensors"  # what the control trainer writes for HRA: adapter and encoder in one file
+# what it writes beside a LoRA file or OFT folder, which have no room for the encoder (see save_control_encoder)
+CONTROL_ENCODER_FILE = "control_encoder.safetensors"
+ENCODER_FORMAT = "hra-studio-control-encoder/1"
 ANNOTATORS = "lllyasviel/Annotators"
 # control type -> (controlnet_aux detector class, weight files it loads from ANNOTATORS or a local folder)
 DETECTORS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -241,17 +250,60 @@ def load_control_adapter(unet: nn.Module, path: str | os.PathLike, adapter_name:
     meta = read_hra_metadata(path)
     if meta.get("kind") != CONTROL_KIND:
         raise AdapterFileError(f"{path} is not a control adapter (no encoder inside); load it with load_hra")
-    try:
-        encoder = ConditionEncoder(**json.loads(meta[ENCODER_ATTR]))
-        encoder.load_state_dict(read_extra_tensors(path, ENCODER_ATTR))
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise AdapterFileError(f"{path}: the control encoder does not match its stored config ({err})") from err
+    encoder = _stored_encoder(path, meta.get(ENCODER_ATTR), lambda: read_extra_tensors(path, ENCODER_ATTR))
     _check_attachable(_unwrap(unet), encoder)  # before load_hra changes the UNet
     load_hra(_unwrap(unet), path, adapter_name)
     encoder.adapter_name = adapter_name or meta.get("adapter_name", "default")
+    _attach_stored(unet, encoder)
+    return encoder
+
+
+def save_control_encoder(encoder: ConditionEncoder, path: str | os.PathLike,
+                         metadata: Mapping[str, Any] | None = None) -> Path:
+    """The hint encoder alone, for control adapters whose UNet part is in another format (a LoRA file, an OFT
+    folder) that has no room for it: safetensors, its config and the run's ``metadata`` in the header (no pickle)."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta.update(format=ENCODER_FORMAT, kind=CONTROL_KIND, **{ENCODER_ATTR: json.dumps(encoder.config)})
+    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in encoder.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_control_encoder_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header of a :func:`save_control_encoder` file (the run's settings), checked to be one."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for every way a header can be broken
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({err})") from err
+    if meta.get("format") != ENCODER_FORMAT:
+        raise AdapterFileError(f"{path} is not a control encoder file (format={meta.get('format')!r})")
+    return meta
+
+
+def load_control_encoder(unet: nn.Module, path: str | os.PathLike) -> ConditionEncoder:
+    """Attach the hint encoder of a :func:`save_control_encoder` file to ``unet`` (whose adapter is loaded by its
+    own loader: diffusers' load_lora_weights, peft)."""
+    meta = read_control_encoder_metadata(path)
+    encoder = _stored_encoder(path, meta.get(ENCODER_ATTR), lambda: load_file(str(path)))
+    _check_attachable(_unwrap(unet), encoder)
+    _attach_stored(unet, encoder)
+    return encoder
+
+
+def _stored_encoder(path: str | os.PathLike, config: str | None, tensors: Callable[[], dict[str, Tensor]]
+                    ) -> ConditionEncoder:
+    """The encoder a file describes: built from its stored config, then its weights (both must match)."""
+    try:
+        encoder = ConditionEncoder(**json.loads(config))
+        encoder.load_state_dict(tensors())
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(f"{path}: the control encoder does not match its stored config ({err})") from err
+    return encoder
+
+
+def _attach_stored(unet: nn.Module, encoder: ConditionEncoder) -> None:
     weight = _unwrap(unet).conv_in.weight
     attach_control(unet, encoder.to(weight.device, weight.dtype))
-    return encoder
 
 
 def _controlnet_aux() -> Any:

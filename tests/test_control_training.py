@@ -1,9 +1,11 @@
-"""The control trainer end to end: the real script in subprocesses on the tiny model and a synthetic shapes set."""
+"""The control trainer end to end: the real script in subprocesses on the tiny model and a synthetic shapes set; HRA
+and the LoRA / OFT baselines (same encoder, loop and data), their files loaded back through baselines.attach_trained."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +17,40 @@ import torch
 from PIL import Image
 
 from hra_diffusion import HRAConfig, hra_parameters, read_hra_metadata
+from hra_diffusion.baselines import (
+    LORA_WEIGHT_NAME,
+    OFT_FOLDER,
+    BaselineConfig,
+    attach_trained,
+    detach_trained,
+    find_trained,
+    trained_parameters,
+)
 from hra_diffusion.checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
-from hra_diffusion.control import CONTROL_TARGETS, condition_tensor, control_condition, load_control_adapter
+from hra_diffusion.checkpoint import Checkpoint
+from hra_diffusion.control import (
+    CONTROL_ENCODER_FILE,
+    CONTROL_TARGETS,
+    condition_tensor,
+    control_condition,
+    control_encoder,
+    load_control_adapter,
+    read_control_encoder_metadata,
+)
 from hra_diffusion.data import ControlDataset
 from hra_diffusion.model import hra_layers
 from hra_diffusion.synthetic import make_shapes_dataset
-from hra_diffusion.train import TrainingError
-from training.control_hra import CONTROL_FILE, ConditionMaps, add_control, export_hub_dataset, parse_args
+from hra_diffusion.train import TrainingError, read_request
+from hra_diffusion.train.checkpointing import load_trainable_state
+from hra_diffusion.train.loop import SETTINGS_FILE
+from training.control_hra import (
+    CONTROL_FILE,
+    ConditionMaps,
+    ControlSettings,
+    add_control,
+    export_hub_dataset,
+    parse_args,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread per process: on a busy 2-core machine OpenMP threads waiting on each other make steps far slower.
@@ -80,18 +109,29 @@ def photos_only(shapes: Path, tmp_path_factory) -> Path:
     return folder
 
 
-def test_zero_init_starts_at_the_base_model(tiny_unet):
-    """What the script builds before step 0 (HRA with paired vectors + zero-initialized encoder) is the base UNet."""
+CONFIGS = {
+    "hra": HRAConfig(r=8, target_modules=CONTROL_TARGETS),
+    "lora": BaselineConfig("lora", CONTROL_TARGETS, rank=2),
+    "oft": BaselineConfig("oft", CONTROL_TARGETS, oft_block_size=8),
+}
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_zero_init_starts_at_the_base_model(kind, tiny_unet):
+    """What the script builds before step 0 (HRA with paired vectors, LoRA with B = 0, OFT with R = I, and a
+    zero-initialized encoder) is the base UNet, and only the adapter and the encoder train."""
     base, unet = tiny_unet(), tiny_unet()
     torch.manual_seed(0)
-    encoder = add_control(unet, HRAConfig(r=8, target_modules=CONTROL_TARGETS), vae_scale_factor=2)
+    encoder = add_control(unet, CONFIGS[kind], vae_scale_factor=2)
     inputs = unet_inputs()
     with torch.no_grad(), control_condition(unet, torch.rand(2, 3, 32, 32)):
         controlled = unet(*inputs).sample
         expected = base(*inputs).sample
     assert (controlled - expected).abs().max() <= 1e-5
     trainable = {id(p) for p in unet.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in [*hra_parameters(unet), *encoder.parameters()]}
+    adapter = (hra_parameters(unet) if kind == "hra" else
+               [p for name, p in unet.named_parameters() if f"{kind}_" in name])
+    assert adapter and trainable == {id(p) for p in [*adapter, *encoder.parameters()]}
 
 
 @pytest.mark.slow
@@ -128,6 +168,7 @@ def test_train_load_generate(tiny_sd, tiny_unet, shapes, tmp_path):
     n_hra, n_encoder = (sum(p.numel() for p in ps) for ps in (hra_parameters(unet), encoder.parameters()))
     assert f"trainable: {n_hra:,} HRA + {n_encoder:,} condition encoder" in proc.stdout
     assert ev[0]["trainable_params"] == n_hra + n_encoder
+    assert find_trained(out) == out / CONTROL_FILE and trained_parameters(out / CONTROL_FILE) == n_hra + n_encoder
     assert any(path.endswith("ff.net.0.proj") for path, _ in hra_layers(unet)), "the GEGLU projections are adapted"
 
     # the trained condition steers the UNet: two condition maps, two different outputs
@@ -148,6 +189,8 @@ def test_train_load_generate(tiny_sd, tiny_unet, shapes, tmp_path):
     images = [generate(pipe, "a red circle", control_image=c, **kwargs)[0] for c in conditions]
     assert images[0].shape == (32, 32, 3)
     assert np.abs(images[0] - images[1]).max() > 1e-6 and np.abs(images[0] - plain).max() > 1e-6
+    detach_trained(pipe)  # the evaluation's way off: the base model again, hint encoder and all
+    assert control_encoder(pipe.unet) is None and np.array_equal(generate(pipe, "a red circle", **kwargs)[0], plain)
 
 
 @pytest.mark.slow
@@ -224,3 +267,90 @@ class Rows(list):
     """Stands in for a datasets.Dataset: iterable rows plus column_names."""
 
     column_names = ["image", "conditioning_image", "text"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The baselines: LoRA and OFT control adapters
+
+BASELINE_FLAGS = {"lora": {"rank": 2, "lora_alpha": 4}, "oft": {"oft_block_size": 8}}
+
+
+def expected_adapter_size(kind: str, unet: torch.nn.Module) -> int:
+    """Trained numbers from the layer shapes alone: LoRA r(in + out) per layer, OFT b(b-1)/2 per block of b inputs."""
+    rank, block = BASELINE_FLAGS["lora"]["rank"], BASELINE_FLAGS["oft"]["oft_block_size"]
+    layers = [m for name, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.endswith(CONTROL_TARGETS)]
+    if kind == "lora":
+        return sum(rank * (m.in_features + m.out_features) for m in layers)
+    return sum(m.in_features // block * block * (block - 1) // 2 for m in layers)
+
+
+def saved_files(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the saved result: the adapter's file(s) and the encoder file beside them."""
+    from safetensors.torch import load_file
+
+    adapter = find_trained(out)
+    files = [adapter] if adapter.is_file() else sorted(adapter.glob("*/adapter_model.safetensors"))
+    return {f"{file.relative_to(out)}/{key}": value
+            for file in [*files, out / CONTROL_ENCODER_FILE] for key, value in load_file(str(file)).items()}
+
+
+def trained_unet(unet: torch.nn.Module, out: Path) -> torch.nn.Module:
+    """The UNet as the trainer left it, rebuilt from its settings and its last checkpoint (not the saved files)."""
+    settings = ControlSettings.from_values(read_request(out / SETTINGS_FILE))
+    add_control(unet, settings.adapter_config(), vae_scale_factor=2)
+    step = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    weights = Checkpoint(out / f"checkpoint-{step}").tensors(CHECKPOINT_WEIGHTS)
+    load_trainable_state(unet, {k.removeprefix("unet."): v for k, v in weights.items()}, "unet")
+    return unet.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "oft"])
+def test_baseline_control_resumes_exactly_and_loads_back(kind, tiny_sd, tiny_unet, shapes, tmp_path):
+    flags = dict(adapter=kind, random_flip=True, proportion_empty_prompts=0.5, learning_rate=1e-2,
+                 **BASELINE_FLAGS[kind])
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    proc = train(tiny_sd, shapes, straight, max_train_steps=6, checkpointing_steps=100, **flags)
+    saved = find_trained(straight)
+    assert saved == (straight / LORA_WEIGHT_NAME if kind == "lora" else straight / OFT_FOLDER)
+    meta = read_control_encoder_metadata(straight / CONTROL_ENCODER_FILE)
+    assert (meta["kind"], meta["adapter"], meta["steps"]) == ("control", kind, "6")
+    assert CONTROL_ENCODER_FILE in (straight / "README.md").read_text()
+
+    # counts: the printed adapter part from the layer shapes, adapter + encoder in the start event and the files
+    printed = re.search(r"trainable: ([\d,]+) (\w+) \+ ([\d,]+) condition encoder", proc.stdout)
+    n_adapter, n_encoder = (int(printed[i].replace(",", "")) for i in (1, 3))
+    assert printed[2] == {"lora": "LoRA", "oft": "OFT"}[kind]
+    assert n_adapter == expected_adapter_size(kind, tiny_unet())
+    assert n_encoder == sum(p.numel() for name, p in trained_unet(tiny_unet(), straight).named_parameters()
+                            if name.startswith("control_encoder."))
+    assert events(straight)[0]["trainable_params"] == n_adapter + n_encoder == trained_parameters(saved)
+
+    # exact resume: 3 steps (mid-epoch), then resume latest for 3 more == 6 straight; the encoder is checkpointed
+    train(tiny_sd, shapes, split, max_train_steps=3, checkpointing_steps=3, **flags)
+    assert any(k.startswith("unet.control_encoder.")
+               for k in Checkpoint(split / "checkpoint-3").tensors(CHECKPOINT_WEIGHTS))
+    train(tiny_sd, shapes, split, max_train_steps=6, checkpointing_steps=100, resume_from_checkpoint="latest",
+          **flags)
+    a, b = saved_files(straight), saved_files(split)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    # the saved files, loaded through their own loaders onto a fresh pipeline, are the trained controlled UNet
+    from hra_diffusion.pipelines import load_pipeline
+
+    reference = trained_unet(tiny_unet(), straight)
+    pipe = load_pipeline(tiny_sd, device="cpu")
+    inputs, condition = unet_inputs(), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(*inputs).sample
+        attach_trained(pipe, saved, "control")
+        with control_condition(pipe.unet, condition):
+            loaded = pipe.unet(*inputs).sample
+        with control_condition(reference, condition):
+            want = reference(*inputs).sample
+        detach_trained(pipe)
+        again = pipe.unet(*inputs).sample
+    assert (loaded - base).abs().max() > 1e-4, "it learned"
+    assert (loaded - want).abs().max() <= 1e-5
+    assert (again - base).abs().max() <= 1e-6 and control_encoder(pipe.unet) is None

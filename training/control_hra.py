@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Controllable generation with HRA, the paper's way: HRA on the UNet plus a small hint encoder at ``conv_in``.
+``--adapter lora|oft`` trains the baselines the same way (same encoder, targets, loop and data).
 
     accelerate launch training/control_hra.py \\
       --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
       --train_data_dir coco/ --control_type canny --train_batch_size 8 --num_train_epochs 11 \\
       --validation_image photo.jpg --validation_prompt "a kitchen with a wooden table" --output_dir out/
 
-Then ``attach_adapters(load_pipeline(base), ["out/hra_control.safetensors"])`` and
+Then ``attach_adapters(load_pipeline(base), ["out/hra_control.safetensors"])`` (any kind:
+``attach_trained(pipe, find_trained("out"), "control")``) and
 ``generate(pipe, prompt, control_image=make_condition(photo, "canny"))``; the guide is docs/control.md. This file is
 the control part only (settings, data, condition maps, model card); the loop, checkpoints, resume, logging and
 signals live in hra_diffusion/train/, the loss in hra_diffusion/diffusion.py, shared with the other trainers.
@@ -28,9 +30,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hra_diffusion import HRAConfig, add_hra, hra_parameters
+from hra_diffusion import HRAConfig
+from hra_diffusion.baselines import LORA_WEIGHT_NAME, OFT_FOLDER, BaselineConfig, adapter_saver, add_adapter
 from hra_diffusion.control import (
     ANNOTATORS,
+    CONTROL_ENCODER_FILE,
+    CONTROL_FILE,
     CONTROL_TARGETS,
     DETECTORS,
     ConditionEncoder,
@@ -38,6 +43,7 @@ from hra_diffusion.control import (
     control_encoder,
     make_condition,
     save_control_adapter,
+    save_control_encoder,
 )
 from hra_diffusion.data import ControlDataset, collate_control
 from hra_diffusion.diffusion import PromptEncoder, denoising_loss, load_base
@@ -53,7 +59,6 @@ from hra_diffusion.train.runtime import make_accelerator
 from hra_diffusion.train.settings import SettingsError, inherit, option, parse
 
 logger = logging.getLogger("control_hra")
-CONTROL_FILE = "hra_control.safetensors"
 CONTROL_TYPES = ("none", "canny", *DETECTORS)
 CONTROL_LEARNING_RATE = 9e-4  # the released control script's, with the same vector initialization (docs/control.md)
 VALIDATION_GUIDANCE = 9.0  # the paper samples controlled images with DDIM and guidance 9.0
@@ -100,8 +105,6 @@ class ControlSettings(TrainSettings):
         super().__post_init__()
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise SettingsError("give one of --train_data_dir and --dataset_name")
-        if self.adapter != "hra":  # the hint encoder's file format holds HRA vectors only (see docs/control.md)
-            raise SettingsError(f"--adapter {self.adapter}: the control trainer trains HRA control adapters only")
         if self.validation_image and not self.validation_prompt:
             raise SettingsError("--validation_image needs --validation_prompt")
 
@@ -110,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> ControlSettings:
     return parse(
         ControlSettings,
         argv,
-        description="Train an HRA control adapter (HRA + hint encoder) for SD 1.x/2.x.",
+        description="Train a control adapter (HRA, or --adapter lora/oft, + hint encoder) for SD 1.x/2.x.",
         epilog="Defaults differing from the DreamBooth trainer: "
         f"--learning_rate {CONTROL_LEARNING_RATE} (the released code's), "
         f"--hra_target_modules {','.join(CONTROL_TARGETS)}. Guide: docs/control.md.",
@@ -200,11 +203,12 @@ class ConditionMaps:
 # Model and loss
 
 
-def add_control(unet: torch.nn.Module, config: HRAConfig, vae_scale_factor: int) -> ConditionEncoder:
-    """HRA on the UNet, then the zero-initialized hint encoder attached (in this order: add_hra freezes every UNet
-    parameter, an attached encoder included). At this point the controlled UNet computes exactly the base model."""
+def add_control(unet: torch.nn.Module, config: HRAConfig | BaselineConfig, vae_scale_factor: int) -> ConditionEncoder:
+    """The adapter on the UNet, then the zero-initialized hint encoder attached (in this order: add_hra and peft's
+    injection freeze every other UNet parameter, an attached encoder included). At this point the controlled UNet
+    computes exactly the base model."""
     try:
-        add_hra(unet, config)
+        add_adapter(unet, config)
     except ValueError as err:
         raise TrainingError(f"--hra_target_modules: {err}") from err
     encoder = ConditionEncoder.for_unet(unet, vae_scale_factor)
@@ -216,36 +220,53 @@ def add_control(unet: torch.nn.Module, config: HRAConfig, vae_scale_factor: int)
 # Model card
 
 
+METHOD_NAMES = {"hra": "HRA", "lora": "LoRA", "oft": "OFT"}
+
+
+def _card_files(settings: ControlSettings) -> tuple[str, str]:
+    """(what the files are, the lines that put them on ``pipe``), per --adapter."""
+    if settings.adapter == "hra":
+        return (f"One file, `{CONTROL_FILE}`: the HRA reflections and the encoder.",
+                f'from hra_diffusion.pipelines import attach_adapters\n\nattach_adapters(pipe, ["{CONTROL_FILE}"])')
+    adapter = (f"`{LORA_WEIGHT_NAME}` (a rank-{settings.rank} LoRA in diffusers' keys)" if settings.adapter == "lora"
+               else f"`{OFT_FOLDER}/unet/` (a peft OFT folder, block size {settings.oft_block_size})")
+    return (f"{adapter} and the encoder in `{CONTROL_ENCODER_FILE}`. Trained by HRA Studio as a baseline, with the "
+            "same loop, data and encoder as its HRA control adapters.",
+            'from hra_diffusion.baselines import attach_trained, find_trained\n\n'
+            'attach_trained(pipe, find_trained("."), "control")  # the adapter with its loader, then the encoder')
+
+
 def write_card(settings: ControlSettings, result: TrainResult, counts: dict[str, int]) -> None:
     samples = sample_links(result.samples, settings.output_path)
     if samples:
         samples = f'Samples at step {result.step}, prompt "{settings.validation_prompt}":\n\n{samples}'
+    method = METHOD_NAMES[settings.adapter]
     rows = {
         **common_settings(settings, result.step),
         "data": settings.train_data_dir or settings.dataset_name,
         "control type": settings.control_type,
         "empty prompts": settings.proportion_empty_prompts,
-        "trainable parameters": f"{counts['hra']:,} HRA + {counts['encoder']:,} condition encoder",
+        "trainable parameters": f"{counts['adapter']:,} {method} + {counts['encoder']:,} condition encoder",
     }
     source = 'Image.open("photo.jpg")'
     condition = source if settings.control_type == "none" else f'make_condition({source}, "{settings.control_type}")'
+    files, attach = _card_files(settings)
     write_model_card(
         settings.output_path,
         base_model=settings.pretrained_model_name_or_path,
         tags=("controlnet",),
-        title=f"HRA control adapter ({settings.control_type})",
-        body=f"""A control adapter for `{settings.pretrained_model_name_or_path}`: HRA reflections on the UNet plus a
-small hint encoder whose output joins the UNet after `conv_in` (the HRA paper's controllable generation). One file,
-`{CONTROL_FILE}`.
+        title=f"{method} control adapter ({settings.control_type})",
+        body=f"""A control adapter for `{settings.pretrained_model_name_or_path}`: {method} on the UNet plus a small
+hint encoder whose output joins the UNet after `conv_in` (the HRA paper's controllable generation). {files}
 
 {samples}""",
         settings=rows,
         usage=f"""from PIL import Image
 from hra_diffusion.control import make_condition
-from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
+from hra_diffusion.pipelines import generate, load_pipeline
 
 pipe = load_pipeline("{settings.pretrained_model_name_or_path}")
-attach_adapters(pipe, ["{CONTROL_FILE}"])
+{attach}
 condition = {condition}
 image = generate(pipe, "a prompt", control_image=condition, steps=50, guidance=9.0, scheduler="ddim")[0]""",
     )
@@ -255,7 +276,7 @@ image = generate(pipe, "a prompt", control_image=condition, steps=50, guidance=9
 
 
 def run(settings: ControlSettings, progress: ProgressFile) -> int:
-    config = settings.hra_config()
+    config = settings.adapter_config()
     validation_sources = [load_image(path) for path in settings.validation_image or []]
     accelerator = make_accelerator(settings)
     cache = Path(settings.cache_dir).absolute() if settings.cache_dir else settings.output_path / "cache"
@@ -301,12 +322,12 @@ def run(settings: ControlSettings, progress: ProgressFile) -> int:
     denoiser = getattr(pipe, family.denoiser)
     torch.manual_seed(settings.seed)  # the adapters' initial vectors depend on the seed alone
     encoder = add_control(denoiser, config, pipe.vae_scale_factor)
-    counts = {
-        "hra": sum(p.numel() for p in hra_parameters(denoiser)),
-        "encoder": sum(p.numel() for p in encoder.parameters()),
-    }
+    n_encoder = sum(p.numel() for p in encoder.parameters())
+    counts = {"adapter": sum(p.numel() for p in denoiser.parameters() if p.requires_grad) - n_encoder,
+              "encoder": n_encoder}
     if accelerator.is_main_process:
-        print(f"trainable: {counts['hra']:,} HRA + {counts['encoder']:,} condition encoder", flush=True)
+        print(f"trainable: {counts['adapter']:,} {METHOD_NAMES[settings.adapter]} + {counts['encoder']:,} condition "
+              "encoder", flush=True)
 
     def validate(step: int) -> list[Image.Image]:
         images = []
@@ -325,9 +346,15 @@ def run(settings: ControlSettings, progress: ProgressFile) -> int:
             )
         return images
 
+    save_baseline = adapter_saver(settings.adapter, type(pipe), settings.pretrained_model_name_or_path)
+
     def save(models: dict, path: Path, meta: dict) -> Path:
         trained = models[family.denoiser]
-        return save_control_adapter(trained, control_encoder(trained), path.with_name(CONTROL_FILE), metadata=meta)
+        if save_baseline is None:
+            return save_control_adapter(trained, control_encoder(trained), path.with_name(CONTROL_FILE), metadata=meta)
+        # the encoder first: once find_trained sees the adapter, its encoder is there too
+        save_control_encoder(control_encoder(trained), path.with_name(CONTROL_ENCODER_FILE), metadata=meta)
+        return save_baseline(models, path, meta)
 
     metadata = settings.adapter_metadata(
         "control_hra",
