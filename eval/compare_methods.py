@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 import eval.dreambooth_benchmark as benchmark
-from eval.score import METRICS, write_json_atomic
+from eval.score import write_json_atomic
 from hra_diffusion.demo_world import UNIQUE_TOKEN, find_demo_world
 from hra_diffusion.io import atomic_write
 
@@ -83,15 +83,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if given.quick:  # its settings are defaults: flags given still win
         parser.set_defaults(**QUICK)
     args = benchmark.check_args(parser, parser.parse_args(argv))
+    args.learning_rates = parse_rates(parser, args.learning_rates, METHODS)
+    return args
+
+
+def parse_rates(parser: argparse.ArgumentParser, items: Sequence[str], methods: Sequence[Method]) -> dict[str, float]:
+    """--learning_rates METHOD=LR pairs as {slug: rate}; a malformed pair or an unknown method is a usage error."""
     try:
-        rates = dict(item.split("=", 1) for item in args.learning_rates)
-        args.learning_rates = {slug: float(rate) for slug, rate in rates.items()}
+        rates = {slug: float(rate) for slug, rate in (item.split("=", 1) for item in items)}
     except ValueError:
-        parser.error(f"--learning_rates takes METHOD=LR pairs, got {' '.join(args.learning_rates)}")
-    unknown = set(args.learning_rates) - {m.slug for m in METHODS}
+        parser.error(f"--learning_rates takes METHOD=LR pairs, got {' '.join(items)}")
+    unknown = set(rates) - {m.slug for m in methods}
     if unknown:
         parser.error(f"--learning_rates: no method {', '.join(sorted(unknown))}")
-    return args
+    return rates
 
 
 def method_args(args: argparse.Namespace, method: Method) -> argparse.Namespace:
@@ -121,17 +126,27 @@ def run(args: argparse.Namespace) -> list[dict]:
 # The table, the chart, the contact sheet
 
 
-def comparison_markdown(reports: Sequence[dict]) -> str:
-    keys = [key for key in METRICS if key in reports[0]["aggregate"]]
-    header = ["method", "trainable params", "lr", *keys, "train s / subject", "peak memory (MiB)"]
-    rows = []
-    for r in reports:
-        memory = f"{r['peak_memory_mib']:.0f}" if r.get("peak_memory_mib") else "-"
-        seconds = f"{r['train_s']:.0f}" if r.get("train_s") else "-"
-        rows.append([r["method"], f"{r['trainable_params']:,}", f"{r['learning_rate']:g}",
-                     *(f"{r['aggregate'][k]:.3f}" for k in keys), seconds, memory])
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def report_cells(report: dict) -> list[str]:
+    """A report's trainable parameters, learning rate, scores (the chart's keys), train seconds and peak memory, as
+    table cells; "-" for what it does not have (an untrained row)."""
+    def cell(key: str, form: str) -> str:
+        return format(report[key], form) if report.get(key) else "-"
+
+    return [cell("trainable_params", ","), cell("learning_rate", "g"),
+            *(f"{value:.3f}" for value in report["aggregate"].values()), cell("train_s", ".0f"),
+            cell("peak_memory_mib", ".0f")]
+
+
+def comparison_markdown(reports: Sequence[dict]) -> str:
+    keys = list(reports[0]["aggregate"])
+    header = ["method", "trainable params", "lr", *keys, "train s / subject", "peak memory (MiB)"]
+    lines = markdown_table(header, [[r["method"], *report_cells(r)] for r in reports])
     s = reports[0]["settings"]
     lines += ["", f"{reports[0]['train_steps']} training steps per subject for every method. "
               f"{reports[0]['num_subjects']} subjects, {reports[0]['prompts_per_subject']} prompts x "
@@ -145,8 +160,9 @@ def comparison_markdown(reports: Sequence[dict]) -> str:
 
 
 def chart(reports: Sequence[dict], size: tuple[int, int] = (720, 300)) -> Image.Image:
-    """One panel per metric, one bar per method, each panel scaled to its own range (PIL only: no plotting stack)."""
-    keys = [key for key in METRICS if key in reports[0]["aggregate"]]
+    """One panel per score of the reports' ``aggregate``, one bar per method, each panel scaled to its own range (PIL
+    only: no plotting stack)."""
+    keys = list(reports[0]["aggregate"])
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     colors = [(66, 103, 178), (96, 153, 220), (150, 190, 240), (220, 120, 60), (90, 170, 90)]
