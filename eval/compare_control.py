@@ -31,6 +31,7 @@ from eval.demo_world import SAMPLING
 from eval.dreambooth_benchmark import labelled_rows
 from eval.score import write_json_atomic
 from hra_diffusion.baselines import attach_trained, detach_trained, find_trained, trained_parameters
+from hra_diffusion.cli import HelpFormatter
 from hra_diffusion.demo_world import find_demo_world
 from hra_diffusion.io import atomic_write
 from hra_diffusion.train.events import ProgressReader, Resources
@@ -53,7 +54,8 @@ QUICK = {"steps": 20, "train_pictures": 16, "batch_size": 4, "held_out": 2, "sam
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m eval.compare_control", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.compare_control", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs, images and tables")
     parser.add_argument("--methods", nargs="+", choices=[m.slug for m in METHODS], default=[m.slug for m in METHODS],
                         help="only these rows of the table")
@@ -67,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--empty_prompts", type=float, default=0.3, help="share of captions replaced by ''")
     parser.add_argument("--seed", type=int, default=0, help="training seed; held-out image i uses seed + i")
-    parser.add_argument("--held_out", type=int, default=16, help="held-out pictures to draw from and score")
+    parser.add_argument("--held_out", type=int, default=32, help="held-out pictures to draw from and score")
     parser.add_argument("--held_out_seed", type=int, default=2, help="their world seed (a sweep uses another)")
     parser.add_argument("--sample_steps", type=int, default=SAMPLING["steps"], help="denoising steps per image")
     parser.add_argument("--quick", action="store_true",
