@@ -5,7 +5,7 @@
 # transformer steps at 1024 px, r = 8 and 32. Why one script: a session is lent a GPU for minutes, by chance, so
 # everything must be ready to run as written. Nothing is downloaded (random weights from the real configs).
 #
-#   benchmarks/gpu.sh OUT_DIR                     # on the GPU machine, from anywhere; PYTHON=... to pick the python
+#   benchmarks/gpu.sh OUT_DIR                     # on the GPU machine: .venv/bin/python, else python3, or $PYTHON
 #   HRA_BENCH_SMOKE=1 benchmarks/gpu.sh OUT_DIR   # a dry run on CPU with tiny settings: checks every piece runs
 #
 # Each piece runs under its own time limit (a stuck or slow piece cannot eat the others' time) and writes
@@ -14,9 +14,10 @@
 set -uo pipefail
 
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
+[[ -z ${PYTHON:-} && ! -x $py ]] && py=python3  # no .venv (a lent GPU machine: the packages carried as wheels)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [[ ${HRA_BENCH_SMOKE:-0} == 1 ]]; then
