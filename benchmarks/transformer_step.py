@@ -135,13 +135,17 @@ def sizes(arch: str, depth: int | None) -> tuple[int, int, int]:
 
 def memory_gib(mode: str, args: argparse.Namespace) -> float:
     """Rough peak memory of a worker: libraries (CPU) or context (CUDA), weights, activations (about 50 values per
-    token, width and block, measured at depth 1-2 on CPU), and for peft's HRA its dense d x d matrices (about r + 8 per
-    layer: its loop over the r reflections keeps each product for backward)."""
+    token, width and block, measured at depth 1-2 on CPU), and for peft's HRA its dense d x d matrices: r + 8 per
+    layer (its loop over the r reflections keeps each product for backward), three times that on CPU where a matrix
+    is under glibc's 32 MiB mmap threshold. Measured: SD3.5's 9 MiB matrices took 20 per layer at r = 8 (12 live;
+    the heap fragments, probably), and at r = 32 its worker reached 23 GiB and the OOM killer ended it; FLUX's 36 MiB
+    ones, mmapped and returned at once, took 9.5 at r = 8."""
     elements, adapted, blocks = sizes(args.arch, args.depth)
     width = WIDTHS[args.arch]
     activations = 50 * args.batch * (image_tokens(args) + text_tokens(args)) * width * blocks
-    dense = (args.r + 8) * adapted * width**2 if mode == "hra_peft" else 0
     nbytes = torch.finfo(stepbench.DTYPES[args.dtype]).bits // 8
+    fragments = 3 if args.device == "cpu" and nbytes * width**2 < 32 * 2**20 else 1
+    dense = fragments * (args.r + 8) * adapted * width**2 if mode == "hra_peft" else 0
     return (1.5 if args.device == "cpu" else 0.5) + nbytes * (elements + activations + dense) / 2**30
 
 
