@@ -28,11 +28,19 @@ NEW = ("sd3", "flux")
 PROMPTS = ["a photo of sks dog", "a red cube in the snow", "a photo of sks dog"]
 # Guidance 1 turns classifier-free guidance off (one denoiser call per image); FLUX.1-dev embeds its guidance
 # instead and is trained at 3.5, which its pipeline then feeds the transformer.
-GUIDANCE = {"sd": 1.0, "sdxl": 1.0, "sd3": 1.0, "flux": 3.5}
+GUIDANCE = {"sd": 1.0, "sdxl": 1.0, "sd3": 1.0, "flux": 3.5, "flux-schnell": 0.0}
+WITH_SCHNELL = {**FIXTURES, "flux-schnell": "tiny_flux_schnell"}  # FLUX without the guidance embedding
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_schnell(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hra_diffusion.testing.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("schnell") / "flux-schnell", family="flux-schnell")
 
 
 def pipe_of(request, name: str):
-    return load_pipeline(request.getfixturevalue(FIXTURES[name]), device="cpu")
+    return load_pipeline(request.getfixturevalue(WITH_SCHNELL[name]), device="cpu")
 
 
 def latents(pipe, name: str, seed: int = 0) -> torch.Tensor:
@@ -135,12 +143,13 @@ def test_sd3_without_t5_encodes_zeros_as_its_pipeline_does(tiny_sd3):
     torch.testing.assert_close(pooled, expected_pooled, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", WITH_SCHNELL)
 def test_the_training_call_is_the_pipelines_own(request, name):
     """Family.predict on unpacked latents, with the trainer's conditioning, returns what the pipeline's own denoiser
-    call returned at its first step (FLUX: packed 2x2 latents, ids, guidance, timestep / 1000; SDXL: size ids)."""
+    call returned at its first step (FLUX: packed 2x2 latents, ids, guidance or none, timestep / 1000; SDXL: size
+    ids)."""
     pipe = pipe_of(request, name)
-    family = BY_NAME[name]
+    family = family_of(pipe)
     denoiser = getattr(pipe, family.denoiser)
     calls = []
     hook = denoiser.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out)),
@@ -153,7 +162,7 @@ def test_the_training_call_is_the_pipelines_own(request, name):
         noisy, timestep, expected = args[0], args[1], out[0]
     else:
         noisy, timestep, expected = kwargs["hidden_states"], kwargs["timestep"], out[0]
-    if name == "flux":  # the pipeline packs latents and feeds t / 1000; the trainer works on (B, C, H, W) and t
+    if family.name == "flux":  # the pipeline packs latents and feeds t / 1000; the trainer works on (B, C, H, W), t
         noisy, expected = (pipe._unpack_latents(x, 64, 64, pipe.vae_scale_factor) for x in (noisy, expected))
         timestep = timestep * 1000
     batch = {"size_crop": torch.tensor([[64, 64, 0, 0]])}  # SDXL at inference: original 64x64, no crop
