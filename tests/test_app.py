@@ -23,6 +23,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from app.jobs import REQUEST_FILE  # noqa: E402
+from hra_diffusion.families import BY_NAME  # noqa: E402
 from hra_diffusion.train import read_request  # noqa: E402
 from hra_diffusion.train.loop import SETTINGS_FILE  # noqa: E402
 
@@ -141,10 +142,13 @@ def test_train_generate_list_download(server, tmp_path):
     assert done["samples"] and all(Path(p).is_relative_to(server.data_dir) for p in done["samples"])
     name = done["result"]
 
-    # the job's request is exactly what the trainer ran with (it records its resolved settings beside the adapter)
+    # the job's request is exactly what the trainer ran with (it records its resolved settings beside the adapter);
+    # the one default left to the model is filled in from its family: SD's attention targets
     folder = server.data_dir / "jobs" / job["id"]
     request = read_request(folder / REQUEST_FILE)
-    assert read_request(folder / "out" / SETTINGS_FILE) == request
+    assert request["hra_target_modules"] is None
+    targets = ",".join(BY_NAME["sd"].default_targets)
+    assert read_request(folder / "out" / SETTINGS_FILE) == {**request, "hra_target_modules": targets}
     assert request["max_train_steps"] == 4 and request["instance_prompt"] == "a photo of sks dog"
 
     [info] = [a for a in client.predict(api_name="/list_adapters") if a["name"] == name]
