@@ -73,23 +73,22 @@ class FlowMatchObjective:
 
     def __init__(self, scheduler_config: Any, options: FlowOptions, precondition: bool = False) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+        self._density, self._weighting = compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         self.timesteps, self.sigmas = scheduler.timesteps.float(), scheduler.sigmas.float()
         self.options, self.precondition = options, precondition
 
     def sample(self, latents: Tensor) -> Sample:
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
         o = self.options
-        u = compute_density_for_timestep_sampling(o.weighting_scheme, len(latents), o.logit_mean, o.logit_std,
-                                                  o.mode_scale)
+        u = self._density(o.weighting_scheme, len(latents), o.logit_mean, o.logit_std, o.mode_scale)
         index = (u * len(self.timesteps)).long().clamp(max=len(self.timesteps) - 1)
         timesteps = self.timesteps[index].to(latents.device)
         sigmas = self.sigmas[index].to(latents.device, latents.dtype).view(-1, *[1] * (latents.ndim - 1))
         noise = torch.randn_like(latents)
         noisy = (1.0 - sigmas) * latents + sigmas * noise
-        weight = compute_loss_weighting_for_sd3(o.weighting_scheme, sigmas).flatten()
+        weight = self._weighting(o.weighting_scheme, sigmas).flatten()
         if self.precondition:
             weight = weight * sigmas.flatten() ** 2
         return noisy, timesteps, noise - latents, weight
