@@ -65,6 +65,14 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def sigterm(proc: subprocess.Popen, timeout: float) -> tuple[str, float]:
+    """Send SIGTERM and wait for the exit: (stderr, seconds it took to stop)."""
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=timeout)
+    return stderr, time.monotonic() - sent
+
+
 def events(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
 
@@ -397,10 +405,7 @@ def test_sigterm_stops_cleanly_and_resumes(tiny_sd, tmp_path):
         while not (out / "progress.jsonl").is_file() or '"step": 2,' not in (out / "progress.jsonl").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
+        stderr, took = sigterm(proc, timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -479,10 +484,7 @@ def test_sigterm_during_class_images_stops_within_seconds(tiny_sd, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.1)
         time.sleep(2)  # well inside the 500-step batch
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
+        stderr, took = sigterm(proc, timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
