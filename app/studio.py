@@ -18,6 +18,7 @@ from .store import AdapterStore
 from .training_service import TrainingService
 
 DEMO_WORLD_LABEL = "the demo world (a small Stable Diffusion trained on toy pictures, 64 px)"
+DEMO_CONTROL_NAME = "demo-world-canny"  # the demo world's control adapter, on a new data folder's shelf
 
 
 class Studio:
@@ -38,7 +39,10 @@ class Studio:
             base_model = str(self.world.base)
         self.base_label = (DEMO_WORLD_LABEL if self.world else "the built-in tiny demo model" if self.demo
                            else base_model)
+        new_shelf = not (self.data_dir / "adapters").exists()
         self.store = AdapterStore(self.data_dir / "adapters", self.data_dir / "exports")
+        if new_shelf and self.world is not None and self.world.control.is_file():
+            self.store.add(self.world.control, DEMO_CONTROL_NAME)  # once: a user who deletes it keeps it deleted
         self.host = PipelineHost(base_model, self.store, self.data_dir / "models", warm=warm)
         self.training = TrainingService(self.data_dir, self.host, demo=self.demo, world=self.world)
         self.jobs = self.training.jobs

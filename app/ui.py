@@ -37,7 +37,9 @@ WORLD_NOTE = (
     "**Demo world.** No base model was given, so HRA Studio runs its demo world: a small Stable Diffusion trained "
     "from nothing on toy pictures (balls, cubes, cups, toys, houses and dogs in eight scenes, 64 px), so you can "
     "watch HRA learn a subject on a laptop. Pick a demo subject below and press Start training; the samples turn "
-    "into it within a few minutes. For real pictures start it with a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or "
+    "into it within a few minutes. The shelf also holds `demo-world-canny`, a control adapter for this world: pick "
+    "it on the Generate tab with a picture of the world, and the image follows the picture's edges. For real "
+    "pictures start it with a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or "
     "FLUX.1 model: "
     "`python -m app --base-model runwayml/stable-diffusion-v1-5` (a hub id) or `--base-model /path/to/folder`."
 )

@@ -128,24 +128,63 @@ def class_preservation(world: World, subject: Subject, adapter: Path, seeds: Seq
             "subject_likeness_adapter": float(world.dino.similarity(real, tuned).mean())}
 
 
-def control_following(world: World, adapter: Path, n: int = 12, seed: int = 2) -> dict:
+def control_following(world: World, adapter: Path, n: int = 12, seed: int = 2,
+                      scales: Sequence[float] = (1.0,)) -> dict:
     """Edge IoU/F1 between held-out world pictures and images generated from their Canny maps and captions, with the
-    control adapter and without (the base model on the caption alone)."""
+    control adapter at each control scale and without it (the base model on the caption alone).
+
+    Keys: ``uncontrolled_iou/f1``, ``controlled_iou/f1`` (scale 1) and ``controlled_x{scale}_iou/f1`` for others.
+    """
     from hra_diffusion.control import make_condition
     from hra_diffusion.demo_world.scene import world_sample
 
     samples = [world_sample(i, seed) for i in range(n)]
-    scores: dict[str, list[tuple[float, float]]] = {"controlled": [], "uncontrolled": []}
+    kinds = {"uncontrolled": None, **{"controlled" if s == 1 else f"controlled_x{s:g}": s for s in scales}}
+    scores: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
     for i, (image, text, _) in enumerate(samples):
-        condition = make_condition(image, "canny")
         world.use([])
-        plain = world.images(text, [i])[0]
+        scores["uncontrolled"].append(canny_iou_f1(image, world.images(text, [i])[0]))
         world.use([adapter])
-        controlled = generate(world.pipe, text, seed=i, control_image=condition, **SAMPLING)[0]
-        scores["uncontrolled"].append(canny_iou_f1(image, plain))
-        scores["controlled"].append(canny_iou_f1(image, controlled))
+        condition = make_condition(image, "canny")
+        for kind, scale in kinds.items():
+            if scale is not None:
+                generated = generate(world.pipe, text, seed=i, control_image=condition, control_scale=scale,
+                                     **SAMPLING)[0]
+                scores[kind].append(canny_iou_f1(image, generated))
     return {f"{kind}_{name}": float(np.mean([s[k] for s in values]))
             for kind, values in scores.items() for k, name in enumerate(("iou", "f1"))}
+
+
+def control_figure(world: World, adapter: Path, n: int = 6, seed: int = 2, scales: Sequence[float] = (1.0, 3.0),
+                   scale: int = 2) -> Image.Image:
+    """The docs' control picture: per held-out picture (a row) the picture, its Canny map, the base model on the
+    caption, then the control adapter at each scale, as control_following generates them."""
+    from PIL import ImageDraw
+
+    from hra_diffusion.control import make_condition
+    from hra_diffusion.demo_world.scene import world_sample
+
+    rows = []
+    for i in range(n):
+        image, text, _ = world_sample(i, seed)
+        condition = make_condition(image, "canny")
+        world.use([])
+        row = [image, condition, world.images(text, [i])[0]]
+        world.use([adapter])
+        row += [generate(world.pipe, text, seed=i, control_image=condition, control_scale=s, **SAMPLING)[0]
+                for s in scales]
+        rows.append(row)
+    labels = ["picture", "Canny map", "no control", *(f"control x{s:g}" for s in scales)]
+    cell, text_h = 64 * scale, 16
+    sheet = Image.new("RGB", (len(labels) * cell, text_h + n * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(labels):
+        draw.text((c * cell + 4, 2), label, fill="black")
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            sheet.paste(picture.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
+                        (c * cell, text_h + r * cell))
+    return sheet
 
 
 FIGURE_PROMPTS = (0, 2, 8, 9, 12)  # indices into the subject's prompts: scenes, a hat, a color change
@@ -196,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("control", help="edge IoU/F1 with and without a control adapter")
     c.add_argument("--adapter", type=Path, required=True, help="the control adapter file")
     c.add_argument("--n", type=int, default=12, help="held-out world pictures")
+    c.add_argument("--scales", type=float, nargs="+", default=[1.0], help="control scales to generate with")
+    c.add_argument("--figure", type=Path, help="also write a PNG of the first 6 pictures, their maps and images")
     f = sub.add_parser("figure", help="photos, base model and adapter side by side (the README's picture)")
     f.add_argument("--subject", required=True)
     f.add_argument("--adapter", type=Path, required=True)
@@ -216,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "adapter": subject_fidelity(world, subject, args.adapter, seeds),
                   "class_prompt": class_preservation(world, subject, args.adapter)}
     elif args.command == "control":
-        report = control_following(world, args.adapter, args.n)
+        report = control_following(world, args.adapter, args.n, scales=args.scales)
+        if args.figure:
+            args.figure.parent.mkdir(parents=True, exist_ok=True)
+            control_figure(world, args.adapter, scales=args.scales).save(args.figure)
+            report["figure"] = str(args.figure)
     else:
         subject = load_benchmark(world.paths.subjects, UNIQUE_TOKEN, [args.subject])[0]
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The demo world learns: its base model draws what prompts say, DreamBooth-HRA with the app's defaults binds a
-subject it has never seen, strength 0 is the base model, and a control adapter makes images follow edges.
+subject it has never seen, strength 0 is the base model, and control adapters (the shipped one, and one trained
+here in a minute) make images follow edges.
 
 Thresholds come from measured values (docs/evaluate.md gives them with their commands) with margins; each test
 fails if its capability breaks. Everything runs on the shipped weights in assets/demo_world.
@@ -36,6 +37,9 @@ CLIP_T_DROP_MAX = 0.10  # 0.610 -> 0.529: HRA costs some prompt fidelity here (0
 CLASS_KEPT_MIN = 0.5  # DINO cosine of same-seed class images, base vs adapter: 0.72
 CONTROL_IMAGES, CONTROL_STEPS = 400, 300  # about a minute of training
 CONTROL_F1_GAIN_MIN = 0.01  # measured: edge F1 0.134 controlled, 0.108 without (1,000 steps: 0.144)
+# the shipped control adapter (3,000 steps), 16 held-out pictures: edge F1 without control, then at scales 1 and 3
+SHIPPED_CONTROL_N = 16
+SHIPPED_F1_GAIN_MIN = {1.0: 0.03, 3.0: 0.06}  # measured: 0.102 without, 0.155 at scale 1, 0.190 at scale 3
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,29 @@ def test_control_adapter_follows_the_edges(world, tmp_path):
                    cwd=REPO, check=True, timeout=600)
     report = control_following(world, out / "hra_control.safetensors", n=8)
     assert report["controlled_f1"] > report["uncontrolled_f1"] + CONTROL_F1_GAIN_MIN, report
+
+
+def test_shipped_control_adapter_follows_the_edges(world):
+    from eval.demo_world import control_following
+
+    report = control_following(world, WORLD.control, n=SHIPPED_CONTROL_N, scales=tuple(SHIPPED_F1_GAIN_MIN))
+    for scale, gain in SHIPPED_F1_GAIN_MIN.items():
+        key = "controlled_f1" if scale == 1 else f"controlled_x{scale:g}_f1"
+        assert report[key] > report["uncontrolled_f1"] + gain, (scale, report)
+
+
+def test_a_new_app_data_folder_offers_the_world_control_adapter(tmp_path):
+    from app.studio import DEMO_CONTROL_NAME, Studio
+
+    studio = Studio(tmp_path / "data", warm=False)
+    try:
+        (row,) = studio.list_adapters()
+        assert (row["name"], row["kind"]) == (DEMO_CONTROL_NAME, "control")
+        studio.delete_adapter(DEMO_CONTROL_NAME)
+    finally:
+        studio.close()
+    studio = Studio(tmp_path / "data", warm=False)
+    try:
+        assert studio.list_adapters() == [], "a deleted demo adapter stays deleted"
+    finally:
+        studio.close()

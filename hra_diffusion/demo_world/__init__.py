@@ -39,6 +39,11 @@ class DemoWorld:
     def subjects(self) -> Path:
         return self.root / "subjects"
 
+    @property
+    def control(self) -> Path:
+        """The Canny control adapter for base/ (the build's last stage)."""
+        return self.root / "control" / "hra_control.safetensors"
+
 
 def find_demo_world() -> DemoWorld | None:
     """$HRA_DEMO_WORLD, else the world shipped in the repository's assets/; None when neither is built (a plain

@@ -1,9 +1,10 @@
 """Train the demo world from nothing: a VAE, a CLIP-style scorer (whose text tower is the pipeline's text encoder,
-as in Stable Diffusion), a ViT for the DINO slot, and a latent text-to-image UNet, all on the world's pictures.
+as in Stable Diffusion), a ViT for the DINO slot, and a latent text-to-image UNet, all on the world's pictures; then
+a Canny control adapter for that pipeline, trained by the project's own control trainer.
 
 Each stage writes its folder atomically and is skipped when the folder is already there, so an interrupted build
 continues where it stopped. Step counts are fixed (not time budgets), so a build is the same on every machine;
-the defaults take about 75 minutes on 2 CPU cores. `--quick` checks the whole chain in about a minute.
+the defaults take about 85 minutes on 2 CPU cores. `--quick` checks the whole chain in about a minute.
 """
 
 from __future__ import annotations
@@ -13,21 +14,26 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..io import atomic_folder
+from ..synthetic import write_control_dataset
 from .scene import CLASSES, COLORS, PATTERNS, SCENES, SIZES, world_sample
 from .subjects import write_subjects
 
 SIZE = 64  # picture side in pixels; the VAE shrinks it 4x to 16 x 16 x 4 latents
 MAX_TOKENS = 77
+CONTROL_SEED = 1  # world seed of the control adapter's pictures (the base model saw seed 0; evaluations use 2)
 
 
 @dataclass
@@ -38,11 +44,14 @@ class BuildConfig:
     dino_steps: int = 600
     unet_steps: int = 4000
     unet_batch: int = 32
+    control_images: int = 4000
+    control_steps: int = 3000
     seed: int = 0
 
     @classmethod
     def quick(cls) -> BuildConfig:
-        return cls(images=512, vae_steps=20, clip_steps=20, dino_steps=10, unet_steps=20, unet_batch=8)
+        return cls(images=512, vae_steps=20, clip_steps=20, dino_steps=10, unet_steps=20, unet_batch=8,
+                   control_images=16, control_steps=2)
 
 
 # ---------------------------------------------------------------- helpers
@@ -284,6 +293,32 @@ def build_unet(world: World, cfg: BuildConfig, vae, text_encoder, tokenizer, sch
     return unet.eval()
 
 
+def control_samples(n: int, seed: int = CONTROL_SEED) -> Iterator[tuple[Image.Image, None, str]]:
+    """(picture, no condition map, caption) for write_control_dataset: the control trainer computes the maps."""
+    for i in range(n):
+        image, text, _ = world_sample(i, seed)
+        yield image, None, text
+
+
+def build_control(out: Path, cfg: BuildConfig, folder: Path) -> None:
+    """A Canny control adapter for out/base, trained by ``training.control_hra`` (the command users run) with its
+    defaults, in a process of its own; its checkpoints in out/parts/control-run let an interrupted build resume."""
+    run = out / "parts" / "control-run"
+    data = out / "parts" / "control-data"
+    if not data.exists():
+        write_control_dataset(data, control_samples(cfg.control_images))
+    command = [sys.executable, "-m", "training.control_hra", "--pretrained_model_name_or_path", str(out / "base"),
+               "--train_data_dir", str(data), "--control_type", "canny", "--resolution", str(SIZE),
+               "--train_batch_size", "8", "--max_train_steps", str(cfg.control_steps), "--checkpointing_steps", "500",
+               "--checkpoints_total_limit", "1", "--seed", str(cfg.seed), "--num_validation_images", "0",
+               "--report_to", "none", "--output_dir", str(run)]
+    if any(run.glob("checkpoint-*")):
+        command += ["--resume_from_checkpoint", "latest"]
+    subprocess.run(command, check=True)
+    for name in ("hra_control.safetensors", "README.md", "training_settings.json"):
+        shutil.copy2(run / name, folder / name)
+
+
 def _build_base(out: Path, cfg: BuildConfig, world: World, tokenizer, log: dict) -> None:
     """The pipeline folder and the scorers; parts/ keeps finished stages until base/ is written."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -314,7 +349,7 @@ def _build_base(out: Path, cfg: BuildConfig, world: World, tokenizer, log: dict)
 
 
 def build(out: str | Path, cfg: BuildConfig | None = None) -> Path:
-    """Build (or finish building) the demo world into `out`: base/, scorer/clip, scorer/dino, subjects/."""
+    """Build (or finish building) the demo world into `out`: base/, scorer/clip, scorer/dino, subjects/, control/."""
     from ..testing.tiny import clip_tokenizer
 
     cfg = cfg or BuildConfig()
@@ -332,6 +367,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> Path:
     _stage(out, "subjects", log, lambda tmp: write_subjects(tmp, SIZE))
     for folder in ("base", "scorer/clip", "scorer/dino"):
         _to_fp16_safetensors(out / folder)
+    _stage(out, "control", log, lambda tmp: build_control(out, cfg, tmp))
     shutil.rmtree(out / "parts", ignore_errors=True)
     log_path.write_text(json.dumps(log, indent=2) + "\n")
     return out
