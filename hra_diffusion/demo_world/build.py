@@ -359,11 +359,8 @@ def build(out: str | Path, cfg: BuildConfig | None = None) -> Path:
     log_path = out / "build_log.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     log["config"] = asdict(cfg)
-    tokenizer = clip_tokenizer()
-    world = World(cfg.images, cfg.seed)
-
-    if not (out / "base").exists():
-        _build_base(out, cfg, world, tokenizer, log)
+    if not (out / "base").exists():  # the world's pictures are rendered only for the stages that train on them
+        _build_base(out, cfg, World(cfg.images, cfg.seed), clip_tokenizer(), log)
     _stage(out, "subjects", log, lambda tmp: write_subjects(tmp, SIZE))
     for folder in ("base", "scorer/clip", "scorer/dino"):
         _to_fp16_safetensors(out / folder)
