@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -71,30 +72,43 @@ class ConditionEncoder(nn.Module):
     Each width after the first is reached by a stride-2 conv, so ``channels`` of length k+1 downsample by 2**k
     (the paper's four widths give 1/8, SD's latent scale). The last conv is zero-initialized: an untrained encoder
     adds exactly nothing, so training starts from the base model.
+
+    ``residuals`` (see :func:`skip_connections`): also add the hint to each of the UNet's down-block skip connections
+    and to its mid block, where ControlNet adds its residuals, through one zero-initialized 1x1 conv each from the
+    encoder's last features (average-pooled to each resolution). None, the paper's design: ``conv_in`` only.
     """
 
-    def __init__(self, out_channels: int = 320, channels: Sequence[int] = PAPER_CHANNELS, in_channels: int = 3) -> None:
+    def __init__(self, out_channels: int = 320, channels: Sequence[int] = PAPER_CHANNELS, in_channels: int = 3,
+                 residuals: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         if not channels:
             raise ValueError("ConditionEncoder needs at least one hidden width")
-        self.config = {"out_channels": out_channels, "channels": list(channels), "in_channels": in_channels}
+        self.config: dict[str, Any] = {"out_channels": out_channels, "channels": list(channels),
+                                       "in_channels": in_channels}
+        if residuals:
+            self.config["residuals"] = [[int(width), int(downscale)] for width, downscale in residuals]
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], 3, padding=1), nn.SiLU()]
         for width, wider in zip(channels[:-1], channels[1:]):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
             layers += [nn.Conv2d(width, wider, 3, padding=1, stride=2), nn.SiLU()]
         self.layers = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.residual_convs = nn.ModuleList(nn.Conv2d(channels[-1], width, 1) for width, _ in residuals or ())
+        for conv in (self.conv_out, *self.residual_convs):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
         # Set by set_condition; plain attributes (not buffers), so never saved and never moved by .to().
         self.condition: Tensor | None = None
         self.scale = 1.0
         self._hook: RemovableHandle | None = None
+        self._residual_hooks: list[RemovableHandle] = []
+        self._features: Tensor | None = None  # this UNet call's encoder features, from conv_in to the mid block
         self.adapter_name: str | None = None  # the HRA adapter it was loaded with (load_control_adapter)
 
     @classmethod
-    def for_unet(cls, unet: nn.Module, vae_scale_factor: int = 8) -> ConditionEncoder:
-        """The paper's encoder sized for ``unet``: output width = its first block, downsampling = the VAE's.
+    def for_unet(cls, unet: nn.Module, vae_scale_factor: int = 8, residuals: bool = False) -> ConditionEncoder:
+        """The paper's encoder sized for ``unet``: output width = its first block, downsampling = the VAE's;
+        ``residuals``: also one hint per skip connection of ``unet`` (see the class).
 
         ``vae_scale_factor`` is ``2 ** (len(vae.config.block_out_channels) - 1)`` (8 for SD; 2 for the tiny test
         model, which then uses only the first paper widths).
@@ -102,7 +116,8 @@ class ConditionEncoder(nn.Module):
         stages = math.log2(vae_scale_factor)
         if not stages.is_integer() or not 0 <= stages < len(PAPER_CHANNELS):
             raise ValueError(f"vae_scale_factor must be 1, 2, 4 or 8, got {vae_scale_factor}")
-        return cls(unet.config.block_out_channels[0], PAPER_CHANNELS[: int(stages) + 1])
+        return cls(unet.config.block_out_channels[0], PAPER_CHANNELS[: int(stages) + 1],
+                   residuals=skip_connections(unet) if residuals else None)
 
     @property
     def downscale(self) -> int:
@@ -112,25 +127,67 @@ class ConditionEncoder(nn.Module):
         """(B, 3, H, W) in [0, 1] -> (B, out_channels, H / downscale, W / downscale)."""
         return self.conv_out(self.layers(condition))
 
+    def _tiled(self, hint: Tensor, batch: int) -> Tensor:
+        """The hint for a UNet batch: one per condition, or the conditions repeated (classifier-free guidance)."""
+        conditions = hint.shape[0]
+        if conditions == batch:
+            return hint
+        if conditions != 1 and batch != 2 * conditions:
+            raise ValueError(f"{conditions} condition images for a UNet batch of {batch}: give 1 (shared) or one per "
+                             "image")
+        return hint.repeat(batch // conditions, 1, 1, 1)
+
     def _add_hint(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         """Forward hook on ``unet.conv_in``: output + scale * encoder(condition), the condition tiled to the batch."""
+        self._features = None
         if self.condition is None:
             return None
         weight = self.conv_out.weight
-        hint = self(self.condition.to(weight.device, weight.dtype)) * self.scale
+        features = self.layers(self.condition.to(weight.device, weight.dtype))
+        hint = self.conv_out(features) * self.scale
         if hint.shape[-2:] != output.shape[-2:]:
             raise ValueError(
                 f"a condition of (H, W) = {tuple(self.condition.shape[-2:])} gives a {tuple(hint.shape[-2:])} hint, "
                 f"but the latents are {tuple(output.shape[-2:])}: resize the condition to the generated image's size"
             )
-        batch, conditions = output.shape[0], hint.shape[0]
-        if conditions != batch:
-            if conditions != 1 and batch != 2 * conditions:
-                raise ValueError(
-                    f"{conditions} condition images for a UNet batch of {batch}: give 1 (shared) or one per image"
-                )
-            hint = hint.repeat(batch // conditions, 1, 1, 1)
-        return output + hint.to(output.dtype)
+        if len(self.residual_convs):
+            self._features = features
+        return output + self._tiled(hint, output.shape[0]).to(output.dtype)
+
+    def _residual(self, index: int, like: Tensor) -> Tensor:
+        downscale = self.config["residuals"][index][1]
+        features = F.avg_pool2d(self._features, downscale) if downscale > 1 else self._features
+        return self._tiled(self.residual_convs[index](features) * self.scale, like.shape[0]).to(like.dtype)
+
+    def _add_to_skips(self, first: int) -> Callable:
+        """Forward hook on a down block: its skip connections (not its output, as ControlNet) + their hints."""
+        def hook(module: nn.Module, args: tuple, output: tuple[Tensor, tuple[Tensor, ...]]) -> Any:
+            if self._features is None:
+                return None
+            hidden, skips = output
+            return hidden, tuple(skip + self._residual(first + i, skip) for i, skip in enumerate(skips))
+        return hook
+
+    def _add_to_mid(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if self._features is None:
+            return None
+        output = output + self._residual(len(self.residual_convs) - 1, output)
+        self._features = None  # the last use in this call: do not keep it (and its graph) until the next
+        return output
+
+
+def skip_connections(unet: nn.Module) -> list[list[int]]:
+    """[channels, downscale from the latents] of each skip connection a UNet2DConditionModel's down blocks make, then
+    of its mid block's output: the places, in order, where ControlNet adds its residuals (less the first, conv_in's
+    output, which the encoder's main hint already joins)."""
+    places, downscale = [], 1
+    for block in unet.down_blocks:
+        width = block.resnets[-1].out_channels
+        places += [[width, downscale]] * len(block.resnets)
+        if getattr(block, "downsamplers", None):
+            downscale *= 2
+            places.append([width, downscale])
+    return [*places, [unet.mid_block.resnets[-1].out_channels, downscale]]
 
 
 @dataclass(frozen=True)
@@ -167,6 +224,12 @@ def attach_control(unet: nn.Module, encoder: ConditionEncoder) -> ControlHandle:
     _check_attachable(unet, encoder)
     unet.add_module(ENCODER_ATTR, encoder)
     encoder._hook = unet.conv_in.register_forward_hook(encoder._add_hint)
+    if len(encoder.residual_convs):
+        first = 0
+        for block in unet.down_blocks:
+            encoder._residual_hooks.append(block.register_forward_hook(encoder._add_to_skips(first)))
+            first += len(block.resnets) + bool(getattr(block, "downsamplers", None))
+        encoder._residual_hooks.append(unet.mid_block.register_forward_hook(encoder._add_to_mid))
     return ControlHandle(unet, encoder)
 
 
@@ -174,9 +237,10 @@ def detach_control(unet: nn.Module) -> ConditionEncoder:
     """Remove the hook and the encoder from the UNet (before ``save_pretrained``), returning the encoder."""
     unet = _unwrap(unet)
     encoder = _require(unet)
-    encoder._hook.remove()
-    encoder._hook = None
-    encoder.condition = None
+    for hook in [encoder._hook, *encoder._residual_hooks]:
+        hook.remove()
+    encoder._hook, encoder._residual_hooks = None, []
+    encoder.condition = encoder._features = None
     del unet._modules[ENCODER_ATTR]
     return encoder
 
@@ -187,6 +251,9 @@ def _check_attachable(unet: nn.Module, encoder: ConditionEncoder) -> None:
     width = unet.config.block_out_channels[0]
     if encoder.config["out_channels"] != width:
         raise ValueError(f"encoder outputs {encoder.config['out_channels']} channels, the UNet's conv_in {width}")
+    if "residuals" in encoder.config and encoder.config["residuals"] != skip_connections(unet):
+        raise ValueError(f"the encoder's residual hints fit skip connections {encoder.config['residuals']}, this "
+                         f"UNet's are {skip_connections(unet)} ([channels, downscale]): it was made for another UNet")
 
 
 def _require(unet: nn.Module) -> ConditionEncoder:

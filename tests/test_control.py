@@ -23,6 +23,7 @@ from hra_diffusion.control import (
     make_condition,
     save_control_adapter,
     set_condition,
+    skip_connections,
 )
 from hra_diffusion.data import ControlDataset, collate_control
 from hra_diffusion.pipelines import attach_adapters, generate, load_pipeline
@@ -44,13 +45,14 @@ def _run(unet, inputs, condition=None, scale: float = 1.0) -> torch.Tensor:
             return unet(*inputs).sample
 
 
-def _controlled_unet(tiny_unet, randomize: bool = False):
+def _controlled_unet(tiny_unet, randomize: bool = False, residuals: bool = False):
     unet = tiny_unet()
     add_hra(unet, HRAConfig(r=8, target_modules=CONTROL_TARGETS))
-    encoder = ConditionEncoder.for_unet(unet, vae_scale_factor=2)
-    if randomize:  # stand-in for a trained encoder: the zero-initialized output conv made non-zero
+    encoder = ConditionEncoder.for_unet(unet, vae_scale_factor=2, residuals=residuals)
+    if randomize:  # stand-in for a trained encoder: the zero-initialized output convs made non-zero
         torch.manual_seed(0)
-        torch.nn.init.normal_(encoder.conv_out.weight, std=0.1)
+        for conv in (encoder.conv_out, *encoder.residual_convs):
+            torch.nn.init.normal_(conv.weight, std=0.1)
     attach_control(unet, encoder)
     return unet, encoder
 
@@ -104,8 +106,9 @@ def test_encoder_shapes_follow_the_unet_and_the_vae(tiny_unet):
         ConditionEncoder.for_unet(unet, vae_scale_factor=3)
 
 
-def test_zero_init_leaves_the_unet_unchanged_and_detach_restores_it(tiny_unet):
-    unet, encoder = _controlled_unet(tiny_unet)
+@pytest.mark.parametrize("residuals", [False, True], ids=["conv_in", "residuals"])
+def test_zero_init_leaves_the_unet_unchanged_and_detach_restores_it(tiny_unet, residuals):
+    unet, encoder = _controlled_unet(tiny_unet, residuals=residuals)
     inputs = _unet_inputs()
     base = _run(unet, inputs)
     assert torch.equal(_run(unet, inputs, torch.rand(2, 3, 64, 64)), base)
@@ -132,6 +135,47 @@ def test_guidance_batch_gets_the_hint_in_both_halves(tiny_unet):
     assert not torch.allclose(_run(unet, (latents, timesteps, text), conditions[:1], scale=0.5), shared)
     with pytest.raises(ValueError, match="2 condition images for a UNet batch of 3"):
         _run(unet, _unet_inputs(batch=3), conditions)
+
+
+def test_residual_hints_are_what_controlnet_adds(tiny_unet):
+    """The hooks against diffusers' own ControlNet inputs: the same hints given as down_block_additional_residuals and
+    mid_block_additional_residual to the plain UNet (the main hint added to conv_in's output by a hook of the test)."""
+    unet, encoder = _controlled_unet(tiny_unet, randomize=True, residuals=True)
+    assert encoder.config["residuals"] == skip_connections(unet) == [[32, 1], [32, 2], [64, 2], [64, 2]]
+    latents, timesteps, text = _unet_inputs()
+    condition = torch.rand(1, 3, 64, 64)  # shared by the batch: the hints are tiled
+    hooked = _run(unet, (latents, timesteps, text), condition, scale=0.7)
+    with torch.no_grad():
+        features = encoder.layers(condition)
+        hints = [0.7 * conv(F.avg_pool2d(features, downscale)) for conv, (_, downscale)
+                 in zip(encoder.residual_convs, encoder.config["residuals"])]
+        main = 0.7 * encoder.conv_out(features)
+    detach_control(unet)
+    handle = unet.conv_in.register_forward_hook(lambda module, args, out: out + main)
+    with torch.no_grad():
+        reference = unet(latents, timesteps, text, down_block_additional_residuals=(
+            torch.zeros(1), *(hint.expand(2, -1, -1, -1) for hint in hints[:-1])),
+            mid_block_additional_residual=hints[-1].expand(2, -1, -1, -1)).sample
+    handle.remove()
+    torch.testing.assert_close(hooked, reference)
+    assert (hooked - _run(unet, (latents, timesteps, text))).abs().max() > 1e-3, "the hints change the output"
+
+
+def test_residual_control_file_round_trip_and_a_foreign_unet(tiny_unet, tiny_sd, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet, encoder = _controlled_unet(tiny_unet, randomize=True, residuals=True)
+    path = save_control_adapter(unet, encoder, tmp_path / "residual.safetensors")
+    inputs, condition = _unet_inputs(), torch.rand(2, 3, 64, 64)
+    fresh = tiny_unet()
+    loaded = load_control_adapter(fresh, path)
+    assert loaded.config == encoder.config
+    assert torch.equal(_run(fresh, inputs, condition), _run(unet, inputs, condition))
+    detach_control(fresh)
+    assert not any(module._forward_hooks for module in fresh.modules()), "detach removes every hook"
+    config = dict(UNet2DConditionModel.load_config(tiny_sd, subfolder="unet"), layers_per_block=2)
+    with pytest.raises(ValueError, match="made for another UNet"):
+        load_control_adapter(UNet2DConditionModel.from_config(config), path)
 
 
 def test_trained_control_follows_the_condition(trained, tiny_unet):

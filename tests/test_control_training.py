@@ -116,13 +116,15 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("kind", CONFIGS)
-def test_zero_init_starts_at_the_base_model(kind, tiny_unet):
+@pytest.mark.parametrize(("kind", "residuals"), [*((kind, False) for kind in CONFIGS), ("hra", True)])
+def test_zero_init_starts_at_the_base_model(kind, residuals, tiny_unet):
     """What the script builds before step 0 (HRA with paired vectors, LoRA with B = 0, OFT with R = I, and a
-    zero-initialized encoder) is the base UNet, and only the adapter and the encoder train."""
+    zero-initialized encoder, with or without its residual hints) is the base UNet, and only the adapter and the
+    encoder train."""
     base, unet = tiny_unet(), tiny_unet()
     torch.manual_seed(0)
-    encoder = add_control(unet, CONFIGS[kind], vae_scale_factor=2)
+    encoder = add_control(unet, CONFIGS[kind], vae_scale_factor=2, residuals=residuals)
+    assert len(encoder.residual_convs) == (4 if residuals else 0)
     inputs = unet_inputs()
     with torch.no_grad(), control_condition(unet, torch.rand(2, 3, 32, 32)):
         controlled = unet(*inputs).sample
@@ -298,7 +300,7 @@ def saved_files(out: Path) -> dict[str, torch.Tensor]:
 def trained_unet(unet: torch.nn.Module, out: Path) -> torch.nn.Module:
     """The UNet as the trainer left it, rebuilt from its settings and its last checkpoint (not the saved files)."""
     settings = ControlSettings.from_values(read_request(out / SETTINGS_FILE))
-    add_control(unet, settings.adapter_config(), vae_scale_factor=2)
+    add_control(unet, settings.adapter_config(), vae_scale_factor=2, residuals=settings.control_residuals)
     step = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     weights = Checkpoint(out / f"checkpoint-{step}").tensors(CHECKPOINT_WEIGHTS)
     load_trainable_state(unet, {k.removeprefix("unet."): v for k, v in weights.items()}, "unet")

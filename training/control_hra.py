@@ -81,6 +81,10 @@ class ControlSettings(TrainSettings):
     random_flip: bool = option(False, group="data", help="random horizontal flips (condition flipped alike)")
     proportion_empty_prompts: float = option(0.0, group="data", range=(0.0, 1.0), help="fraction of captions "
                                              "replaced by '' so the adapter learns to follow the condition alone")
+    control_residuals: bool = option(False, group="condition maps", help="also add the hint to every skip "
+                                     "connection of the UNet's down blocks and to its mid block (ControlNet's "
+                                     "places; one zero-initialized 1x1 conv each); off: the paper's design, the "
+                                     "hint joins after conv_in only")
 
     control_type: str = option("none", group="condition maps", choices=CONTROL_TYPES,
                                help="none: the conditioning column holds the maps; otherwise maps are computed from "
@@ -203,7 +207,8 @@ class ConditionMaps:
 # Model and loss
 
 
-def add_control(unet: torch.nn.Module, config: HRAConfig | BaselineConfig, vae_scale_factor: int) -> ConditionEncoder:
+def add_control(unet: torch.nn.Module, config: HRAConfig | BaselineConfig, vae_scale_factor: int,
+                residuals: bool = False) -> ConditionEncoder:
     """The adapter on the UNet, then the zero-initialized hint encoder attached (in this order: add_hra and peft's
     injection freeze every other UNet parameter, an attached encoder included). At this point the controlled UNet
     computes exactly the base model."""
@@ -211,7 +216,7 @@ def add_control(unet: torch.nn.Module, config: HRAConfig | BaselineConfig, vae_s
         add_adapter(unet, config)
     except ValueError as err:
         raise TrainingError(f"--hra_target_modules: {err}") from err
-    encoder = ConditionEncoder.for_unet(unet, vae_scale_factor)
+    encoder = ConditionEncoder.for_unet(unet, vae_scale_factor, residuals=residuals)
     attach_control(unet, encoder)
     return encoder
 
@@ -241,6 +246,7 @@ def write_card(settings: ControlSettings, result: TrainResult, counts: dict[str,
     if samples:
         samples = f'Samples at step {result.step}, prompt "{settings.validation_prompt}":\n\n{samples}'
     method = METHOD_NAMES[settings.adapter]
+    joins = ", and at every skip connection, where ControlNet adds its residuals" if settings.control_residuals else ""
     rows = {
         **common_settings(settings, result.step),
         "data": settings.train_data_dir or settings.dataset_name,
@@ -257,7 +263,7 @@ def write_card(settings: ControlSettings, result: TrainResult, counts: dict[str,
         tags=("controlnet",),
         title=f"{method} control adapter ({settings.control_type})",
         body=f"""A control adapter for `{settings.pretrained_model_name_or_path}`: {method} on the UNet plus a small
-hint encoder whose output joins the UNet after `conv_in` (the HRA paper's controllable generation). {files}
+hint encoder whose output joins the UNet after `conv_in` (the HRA paper's controllable generation){joins}. {files}
 
 {samples}""",
         settings=rows,
@@ -321,7 +327,7 @@ def run(settings: ControlSettings, progress: ProgressFile) -> int:
         )
     denoiser = getattr(pipe, family.denoiser)
     torch.manual_seed(settings.seed)  # the adapters' initial vectors depend on the seed alone
-    encoder = add_control(denoiser, config, pipe.vae_scale_factor)
+    encoder = add_control(denoiser, config, pipe.vae_scale_factor, settings.control_residuals)
     n_encoder = sum(p.numel() for p in encoder.parameters())
     counts = {"adapter": sum(p.numel() for p in denoiser.parameters() if p.requires_grad) - n_encoder,
               "encoder": n_encoder}
