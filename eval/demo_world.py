@@ -133,7 +133,8 @@ def control_following(world: World, adapter: Path, n: int = 12, seed: int = 2,
     """Edge IoU/F1 between held-out world pictures and images generated from their Canny maps and captions, with the
     control adapter at each control scale and without it (the base model on the caption alone).
 
-    Keys: ``uncontrolled_iou/f1``, ``controlled_iou/f1`` (scale 1) and ``controlled_x{scale}_iou/f1`` for others.
+    Keys: ``uncontrolled_iou/f1``, ``controlled_iou/f1`` (scale 1) and ``controlled_x{scale}_iou/f1`` for others,
+    each controlled one with ``..._f1_gain_se``, the paired standard error of its F1 gain.
     """
     from hra_diffusion.control import make_condition
     from hra_diffusion.demo_world.scene import world_sample
@@ -151,8 +152,13 @@ def control_following(world: World, adapter: Path, n: int = 12, seed: int = 2,
                 generated = generate(world.pipe, text, seed=i, control_image=condition, control_scale=scale,
                                      **SAMPLING)[0]
                 scores[kind].append(canny_iou_f1(image, generated))
-    return {f"{kind}_{name}": float(np.mean([s[k] for s in values]))
-            for kind, values in scores.items() for k, name in enumerate(("iou", "f1"))}
+    report = {f"{kind}_{name}": float(np.mean([s[k] for s in values]))
+              for kind, values in scores.items() for k, name in enumerate(("iou", "f1"))}
+    plain = np.array([s[1] for s in scores["uncontrolled"]])
+    for kind in list(kinds)[1:]:  # the standard error of the mean F1 gain, paired picture by picture
+        gains = np.array([s[1] for s in scores[kind]]) - plain
+        report[f"{kind}_f1_gain_se"] = float(gains.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return report
 
 
 def control_figure(world: World, adapter: Path, n: int = 6, seed: int = 2, scales: Sequence[float] = (1.0, 3.0),

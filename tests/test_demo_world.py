@@ -37,9 +37,10 @@ CLIP_T_DROP_MAX = 0.10  # 0.610 -> 0.529: HRA costs some prompt fidelity here (0
 CLASS_KEPT_MIN = 0.5  # DINO cosine of same-seed class images, base vs adapter: 0.72
 CONTROL_IMAGES, CONTROL_STEPS = 400, 300  # about a minute of training
 CONTROL_F1_GAIN_MIN = 0.01  # measured: edge F1 0.134 controlled, 0.108 without (1,000 steps: 0.144)
-# the shipped control adapter (3,000 steps), 16 held-out pictures: edge F1 without control, then at scales 1 and 3
+# the shipped control adapter (3,000 steps, residual hints), 16 held-out pictures: edge F1 gain over no control at
+# control scales 1 and 3; measured 0.102 -> 0.176 (+0.073, paired SE 0.023) and 0.201 (+0.099, SE 0.021)
 SHIPPED_CONTROL_N = 16
-SHIPPED_F1_GAIN_MIN = {1.0: 0.03, 3.0: 0.06}  # measured: 0.102 without, 0.155 at scale 1, 0.190 at scale 3
+SHIPPED_F1_GAIN_MIN = {1.0: 0.04, 3.0: 0.06}
 
 
 @pytest.fixture(scope="module")

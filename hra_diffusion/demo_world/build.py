@@ -302,16 +302,17 @@ def control_samples(n: int, seed: int = CONTROL_SEED) -> Iterator[tuple[Image.Im
 
 def build_control(out: Path, cfg: BuildConfig, folder: Path) -> None:
     """A Canny control adapter for out/base, trained by ``training.control_hra`` (the command users run) with its
-    defaults, in a process of its own; its checkpoints in out/parts/control-run let an interrupted build resume."""
+    defaults plus the residual hints (they bind the edges better here: docs/control.md), in a process of its own; its
+    checkpoints in out/parts/control-run let an interrupted build resume."""
     run = out / "parts" / "control-run"
     data = out / "parts" / "control-data"
     if not data.exists():
         write_control_dataset(data, control_samples(cfg.control_images))
     command = [sys.executable, "-m", "training.control_hra", "--pretrained_model_name_or_path", str(out / "base"),
                "--train_data_dir", str(data), "--control_type", "canny", "--resolution", str(SIZE),
-               "--train_batch_size", "8", "--max_train_steps", str(cfg.control_steps), "--checkpointing_steps", "500",
-               "--checkpoints_total_limit", "1", "--seed", str(cfg.seed), "--num_validation_images", "0",
-               "--report_to", "none", "--output_dir", str(run)]
+               "--control_residuals", "--train_batch_size", "8", "--max_train_steps", str(cfg.control_steps),
+               "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--seed", str(cfg.seed),
+               "--num_validation_images", "0", "--report_to", "none", "--output_dir", str(run)]
     if any(run.glob("checkpoint-*")):
         command += ["--resume_from_checkpoint", "latest"]
     subprocess.run(command, check=True)
