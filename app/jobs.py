@@ -298,14 +298,15 @@ class JobQueue:
             time.sleep(POLL_S)
         with self._cond:
             self._procs.pop(job.id, None)
-            job.pid, job.finished, job.eta_s = None, time.time(), None
-            job.status = self._outcome(job, stopping=job.status == STOPPING)
-            if job.status == FAILED and not job.message:
-                job.message = f"the trainer exited with code {rc}:\n{self._log_tail(job)}"
-        self._finish(job)
+            status = self._outcome(job, stopping=job.status == STOPPING)
+            message = job.message
+            if status == FAILED and not message:
+                message = f"the trainer exited with code {rc}:\n{self._log_tail(job)}"
+        self._finish(job, status, message)
 
-    def _finish(self, job: Job) -> None:
-        """Hand the adapter (if the trainer wrote one) to ``on_finish``, then save the job."""
+    def _finish(self, job: Job, status: str | None = None, message: str = "") -> None:
+        """Hand the adapter (if the trainer wrote one) to ``on_finish``, then publish the run's end (``status``, if
+        given) and the result in one step: no reader sees a finished job whose adapter is not stored yet."""
         result, problem = job.result, ""
         if job.adapter and self.on_finish is not None:
             try:
@@ -313,6 +314,9 @@ class JobQueue:
             except Exception as err:  # a full disk must not stop the queue
                 problem = f"the adapter could not be stored: {err}"
         with self._cond:
+            if status is not None:
+                job.pid, job.finished, job.eta_s = None, time.time(), None
+                job.status, job.message = status, message
             job.result = result
             if problem:
                 job.status, job.message = FAILED, problem

@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 # Exit code 5 is "no test selected": tests named in the arguments may all sit in one tier.
-tier() { .venv/bin/python -m pytest -q -m "$1" "${@:2}" || [ $? -eq 5 ]; }
+tier() { .venv/bin/python -m pytest -q --durations=10 -m "$1" "${@:2}" || [ $? -eq 5 ]; }
 tier "not slow" "$@"
 tier slow "$@"
