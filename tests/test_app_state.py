@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -122,6 +123,29 @@ def finished(job: Job) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- queue
+
+
+def test_a_job_shows_its_end_only_with_its_stored_adapter(tmp_path, fake_trainer):
+    """While on_finish stores the adapter the job still reads as running; then done and its result appear together."""
+    storing, release = threading.Event(), threading.Event()
+
+    def on_finish(job):
+        storing.set()
+        release.wait(30)
+        return "kept"
+
+    queue = JobQueue(tmp_path / "jobs", on_finish=on_finish)
+    try:
+        job_id = queue.submit({"n": 0}, *fake_trainer(steps=2)).id
+        assert storing.wait(30), "the trainer ran and on_finish was called"
+        seen = queue.get(job_id)
+        assert (seen.status, seen.result) == (RUNNING, None)
+        release.set()
+        job = wait_for(queue, job_id, finished)
+    finally:
+        release.set()
+        queue.close()
+    assert (job.status, job.result) == (DONE, "kept")
 
 
 def test_jobs_run_one_at_a_time_in_order(tmp_path, fake_trainer):
