@@ -180,6 +180,8 @@ def skip_connections(unet: nn.Module) -> list[list[int]]:
     """[channels, downscale from the latents] of each skip connection a UNet2DConditionModel's down blocks make, then
     of its mid block's output: the places, in order, where ControlNet adds its residuals (less the first, conv_in's
     output, which the encoder's main hint already joins)."""
+    if getattr(unet, "mid_block", None) is None:
+        raise ValueError("residual hints need a UNet2DConditionModel-like UNet with a mid block")
     places, downscale = [], 1
     for block in unet.down_blocks:
         width = block.resnets[-1].out_channels
