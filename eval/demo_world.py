@@ -128,71 +128,85 @@ def class_preservation(world: World, subject: Subject, adapter: Path, seeds: Seq
             "subject_likeness_adapter": float(world.dino.similarity(real, tuned).mean())}
 
 
-def control_following(world: World, adapter: Path, n: int = 12, seed: int = 2,
-                      scales: Sequence[float] = (1.0,)) -> dict:
-    """Edge IoU/F1 between held-out world pictures and images generated from their Canny maps and captions, with the
-    control adapter at each control scale and without it (the base model on the caption alone).
+@dataclass
+class ControlRow:
+    """One held-out world picture, its Canny map, the base model's image for its caption, and the control adapter's
+    image at each control scale (all with seed = the picture's index)."""
 
-    Keys: ``uncontrolled_iou/f1``, ``controlled_iou/f1`` (scale 1) and ``controlled_x{scale}_iou/f1`` for others,
-    each controlled one with ``..._f1_gain_se``, the paired standard error of its F1 gain.
-    """
-    from hra_diffusion.control import make_condition
-    from hra_diffusion.demo_world.scene import world_sample
-
-    samples = [world_sample(i, seed) for i in range(n)]
-    kinds = {"uncontrolled": None, **{"controlled" if s == 1 else f"controlled_x{s:g}": s for s in scales}}
-    scores: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
-    for i, (image, text, _) in enumerate(samples):
-        world.use([])
-        scores["uncontrolled"].append(canny_iou_f1(image, world.images(text, [i])[0]))
-        world.use([adapter])
-        condition = make_condition(image, "canny")
-        for kind, scale in kinds.items():
-            if scale is not None:
-                generated = generate(world.pipe, text, seed=i, control_image=condition, control_scale=scale,
-                                     **SAMPLING)[0]
-                scores[kind].append(canny_iou_f1(image, generated))
-    report = {f"{kind}_{name}": float(np.mean([s[k] for s in values]))
-              for kind, values in scores.items() for k, name in enumerate(("iou", "f1"))}
-    plain = np.array([s[1] for s in scores["uncontrolled"]])
-    for kind in list(kinds)[1:]:  # the standard error of the mean F1 gain, paired picture by picture
-        gains = np.array([s[1] for s in scores[kind]]) - plain
-        report[f"{kind}_f1_gain_se"] = float(gains.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return report
+    picture: Image.Image
+    condition: Image.Image
+    plain: Image.Image
+    controlled: list[Image.Image]
 
 
-def control_figure(world: World, adapter: Path, n: int = 6, seed: int = 2, scales: Sequence[float] = (1.0, 3.0),
-                   scale: int = 2) -> Image.Image:
-    """The docs' control picture: per held-out picture (a row) the picture, its Canny map, the base model on the
-    caption, then the control adapter at each scale, as control_following generates them."""
-    from PIL import ImageDraw
-
+def control_rows(world: World, adapter: Path, n: int = 12, seed: int = 2,
+                 scales: Sequence[float] = (1.0,)) -> list[ControlRow]:
+    """What control_scores and control_figure read: held-out pictures 0..n-1 of world ``seed``, drawn from their
+    captions without control and from their Canny maps and captions with ``adapter``."""
     from hra_diffusion.control import make_condition
     from hra_diffusion.demo_world.scene import world_sample
 
     rows = []
     for i in range(n):
-        image, text, _ = world_sample(i, seed)
-        condition = make_condition(image, "canny")
+        picture, text, _ = world_sample(i, seed)
+        condition = make_condition(picture, "canny")
         world.use([])
-        row = [image, condition, world.images(text, [i])[0]]
+        plain = world.images(text, [i])[0]
         world.use([adapter])
-        row += [generate(world.pipe, text, seed=i, control_image=condition, control_scale=s, **SAMPLING)[0]
-                for s in scales]
-        rows.append(row)
+        controlled = [generate(world.pipe, text, seed=i, control_image=condition, control_scale=scale, **SAMPLING)[0]
+                      for scale in scales]
+        rows.append(ControlRow(picture, condition, plain, controlled))
+    return rows
+
+
+def control_scores(rows: Sequence[ControlRow], scales: Sequence[float]) -> dict:
+    """Edge IoU/F1 of the rows' images against their pictures, without control and at each scale.
+
+    Keys: ``uncontrolled_iou/f1``, ``controlled_iou/f1`` (scale 1) and ``controlled_x{scale}_iou/f1`` for others,
+    each controlled one with ``..._f1_gain_se``, the paired standard error of its F1 gain.
+    """
+    columns = [("uncontrolled", [row.plain for row in rows])]
+    columns += [("controlled" if s == 1 else f"controlled_x{s:g}", [row.controlled[k] for row in rows])
+                for k, s in enumerate(scales)]
+    report = {}
+    for kind, images in columns:
+        scores = np.array([canny_iou_f1(row.picture, image) for row, image in zip(rows, images)])
+        report[f"{kind}_iou"], report[f"{kind}_f1"] = float(scores[:, 0].mean()), float(scores[:, 1].mean())
+        if kind == "uncontrolled":
+            plain_f1 = scores[:, 1]
+        elif len(rows) > 1:  # the standard error of the mean F1 gain, paired picture by picture
+            report[f"{kind}_f1_gain_se"] = float((scores[:, 1] - plain_f1).std(ddof=1) / np.sqrt(len(rows)))
+        else:
+            report[f"{kind}_f1_gain_se"] = float("nan")
+    return report
+
+
+def control_following(world: World, adapter: Path, n: int = 12, seed: int = 2,
+                      scales: Sequence[float] = (1.0,)) -> dict:
+    """Edge IoU/F1 between held-out world pictures and images generated from their Canny maps and captions, with the
+    control adapter at each control scale and without it (the base model on the caption alone): control_scores."""
+    return control_scores(control_rows(world, adapter, n, seed, scales), scales)
+
+
+def control_figure(rows: Sequence[ControlRow], scales: Sequence[float], scale: int = 2) -> Image.Image:
+    """The docs' control picture: a row per held-out picture, with its Canny map, the base model on the caption, then
+    the control adapter at each control scale."""
+    from PIL import ImageDraw
+
     labels = ["picture", "Canny map", "no control", *(f"control x{s:g}" for s in scales)]
     cell, text_h = 64 * scale, 16
-    sheet = Image.new("RGB", (len(labels) * cell, text_h + n * cell), "white")
+    sheet = Image.new("RGB", (len(labels) * cell, text_h + len(rows) * cell), "white")
     draw = ImageDraw.Draw(sheet)
     for c, label in enumerate(labels):
         draw.text((c * cell + 4, 2), label, fill="black")
     for r, row in enumerate(rows):
-        for c, picture in enumerate(row):
+        for c, picture in enumerate([row.picture, row.condition, row.plain, *row.controlled]):
             sheet.paste(picture.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
                         (c * cell, text_h + r * cell))
     return sheet
 
 
+FIGURE_ROWS = 6  # held-out pictures in the control figure
 FIGURE_PROMPTS = (0, 2, 8, 9, 12)  # indices into the subject's prompts: scenes, a hat, a color change
 
 
@@ -263,10 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "adapter": subject_fidelity(world, subject, args.adapter, seeds),
                   "class_prompt": class_preservation(world, subject, args.adapter)}
     elif args.command == "control":
-        report = control_following(world, args.adapter, args.n, scales=args.scales)
+        rows = control_rows(world, args.adapter, args.n, scales=args.scales)
+        report = control_scores(rows, args.scales)
         if args.figure:
             args.figure.parent.mkdir(parents=True, exist_ok=True)
-            control_figure(world, args.adapter, scales=args.scales).save(args.figure)
+            control_figure(rows[:FIGURE_ROWS], args.scales).save(args.figure)
             report["figure"] = str(args.figure)
     else:
         subject = load_benchmark(world.paths.subjects, UNIQUE_TOKEN, [args.subject])[0]

@@ -182,14 +182,21 @@ def skip_connections(unet: nn.Module) -> list[list[int]]:
     output, which the encoder's main hint already joins)."""
     if getattr(unet, "mid_block", None) is None:
         raise ValueError("residual hints need a UNet2DConditionModel-like UNet with a mid block")
-    places, downscale = [], 1
+    places = [place for block in _block_skips(unet) for place in block]
+    return [*places, [unet.mid_block.resnets[-1].out_channels, places[-1][1]]]
+
+
+def _block_skips(unet: nn.Module) -> list[list[list[int]]]:
+    """skip_connections per down block: one per resnet, and one for the downsampler's output."""
+    blocks, downscale = [], 1
     for block in unet.down_blocks:
         width = block.resnets[-1].out_channels
-        places += [[width, downscale]] * len(block.resnets)
+        places = [[width, downscale]] * len(block.resnets)
         if getattr(block, "downsamplers", None):
             downscale *= 2
             places.append([width, downscale])
-    return [*places, [unet.mid_block.resnets[-1].out_channels, downscale]]
+        blocks.append(places)
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -228,9 +235,9 @@ def attach_control(unet: nn.Module, encoder: ConditionEncoder) -> ControlHandle:
     encoder._hook = unet.conv_in.register_forward_hook(encoder._add_hint)
     if len(encoder.residual_convs):
         first = 0
-        for block in unet.down_blocks:
+        for block, places in zip(unet.down_blocks, _block_skips(unet)):
             encoder._residual_hooks.append(block.register_forward_hook(encoder._add_to_skips(first)))
-            first += len(block.resnets) + bool(getattr(block, "downsamplers", None))
+            first += len(places)
         encoder._residual_hooks.append(unet.mid_block.register_forward_hook(encoder._add_to_mid))
     return ControlHandle(unet, encoder)
 

@@ -1,4 +1,4 @@
-"""``python -m hra_diffusion.demo_world build OUT``: train the demo world from nothing (about 85 minutes on 2 CPU
+"""``python -m hra_diffusion.demo_world build OUT``: train the demo world from nothing (about 75 minutes on 2 CPU
 cores; ``--quick`` checks the chain in a minute)."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ a Canny control adapter for that pipeline, trained by the project's own control 
 
 Each stage writes its folder atomically and is skipped when the folder is already there, so an interrupted build
 continues where it stopped. Step counts are fixed (not time budgets), so a build is the same on every machine;
-the defaults take about 85 minutes on 2 CPU cores. `--quick` checks the whole chain in about a minute.
+the defaults take about 75 minutes on 2 CPU cores. `--quick` checks the whole chain in about a minute.
 """
 
 from __future__ import annotations
